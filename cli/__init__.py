@@ -1,0 +1,1 @@
+"""pycilium cli."""

@@ -16,10 +16,14 @@ lab-down: setup
 test: setup lint
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
+# mypy sees the pycilium namespace through a symlink tree (setup.py maps the folders the same way).
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy
+	@mkdir -p build/typecheck/pycilium
+	@for p in agent:agent bpf:bpf cli:cli cni:cni-plugin lab:lab; do \
+	  ln -sfn ../../../$${p#*:} build/typecheck/pycilium/$${p%%:*}; done
+	cd build/typecheck && MYPYPATH=. $(VENV)/bin/mypy --config-file ../../pyproject.toml -p pycilium
 
 bench: setup
 	$(PY) -m bench.run_all

@@ -12,6 +12,19 @@
 #include <linux/types.h>
 
 /* ---- load balancer --------------------------------------------------------------------------- */
+/* How the agent writes a service (one rev_nat_index per frontend VIP:port/proto):
+ *  1. backends: lb4_backends[id] = {addr, port, proto, state} for every backend, terminating ones too;
+ *  2. slots: lb4_services[{vip, port, slot=1..count, proto}] = {backend_id}, node-local backends first;
+ *  3. lb4_reverse_nat[rev_nat_index] = {vip, port}; lb_affinity_match[{backend_id, rev_nat_index}] = 1;
+ *  4. last, the frontend: lb4_services[{vip, port, slot=0, proto}] = {count, local_count,
+ *     rev_nat_index, flags, flags2, backend_id = affinity timeout in seconds when SVC_FLAG_AFFINITY}.
+ *  count = active (non-terminating) backends; when none is active, terminating ones may fill the
+ *  slots. count 0 = no backends: the datapath rejects (TCP RST / ICMP port unreachable).
+ *  externalTrafficPolicy=Local (SVC_FLAG_EXT_LOCAL_SCOPE): north-south traffic uses slots
+ *  1..local_count only; internalTrafficPolicy=Local (SVC_FLAG2_INT_LOCAL_SCOPE): east-west likewise.
+ *  NodePort frontends use address 0 (any node address) with SVC_FLAG_NODEPORT; LoadBalancer ingress
+ *  IPs and externalIPs their own address with SVC_FLAG_LOADBALANCER / SVC_FLAG_EXTERNAL_IP.
+ *  Removal runs in reverse: frontend first, then slots beyond the new count, then unused backends. */
 
 #define LB_SCOPE_EXT 0 /* north-south, and east-west unless the service has two scopes */
 #define LB_SCOPE_INT 1 /* east-west when internal and external traffic policies differ */
@@ -171,6 +184,9 @@ struct nat4_entry {
 #define ID_REMOTE_NODE 6
 #define ID_KUBE_APISERVER 7
 
+/* ipcache: every pod IP /32 -> {identity, tunnel_endpoint = IP of the node it runs on (0 if local)};
+ * node IPs /32 -> ID_HOST (this node) or ID_REMOTE_NODE; CIDR identities for NetworkPolicy ipBlocks;
+ * 0.0.0.0/0 -> ID_WORLD. */
 #define IPCACHE_STATIC_PREFIX 0
 struct ipcache_key {
 	__u32 prefixlen; /* LPM prefix length over `addr` */
@@ -207,6 +223,12 @@ struct endpoint_info {
 	__u32 pad3;
 };
 
+/* policy: per endpoint (ep_id = endpoint_info.lxc_id) and direction. The datapath looks up
+ * {remote identity, ep, dir, proto, port} and then {identity 0 (any), ...}, each by longest prefix;
+ * a POLICY_F_DENY entry in either result drops, otherwise any match allows. An endpoint enforces a
+ * direction only when its EP_F_POLICY_INGRESS / EP_F_POLICY_EGRESS flag is set (else allow all).
+ * Port ranges (endPort) are written as several prefix entries. Replies of allowed connections pass
+ * without a lookup (conntrack). */
 #define POLICY_INGRESS 0
 #define POLICY_EGRESS 1
 /* LPM prefix of policy_key: sec_label, ep_id and egress are static (56 bits), then 8 bits of

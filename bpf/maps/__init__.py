@@ -7,6 +7,7 @@ header and checks every size and offset here against it.
 from __future__ import annotations
 
 import ctypes
+from typing import Any
 
 from pycilium.bpf.maps import (
     ctmap,
@@ -21,7 +22,7 @@ from pycilium.bpf.maps import (
 )
 from pycilium.bpf.maps.pinned import MapNotPinnedError, MapSpec, PinnedMap
 
-ALL_MAPS: tuple[MapSpec[ctypes.Structure, ctypes.Structure], ...] = (
+ALL_MAPS: tuple[MapSpec[Any, Any], ...] = (
     lbmap.SERVICES,
     lbmap.BACKENDS,
     lbmap.REVERSE_NAT,

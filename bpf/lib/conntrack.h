@@ -1,0 +1,141 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* Our own connection tracking in LRU hash maps (ct4_global: TCP, ct_any4_global: the rest).
+ *
+ * Entries are keyed by the tuple of the packet that created them plus the side that created
+ * them: CT_DIR_OUT (egress from an endpoint), CT_DIR_IN (ingress to an endpoint), CT_DIR_SVC
+ * (pre-DNAT service tuple, holds the chosen backend). An egress lookup tries {tuple, OUT}
+ * (established) then {reversed tuple, IN} (reply); an ingress lookup the mirror image. */
+#ifndef PYCILIUM_CONNTRACK_H
+#define PYCILIUM_CONNTRACK_H
+
+#include "parse.h"
+
+#ifndef CT_LIFETIME_TCP
+#define CT_LIFETIME_TCP 8000
+#endif
+#ifndef CT_LIFETIME_TCP_SYN
+#define CT_LIFETIME_TCP_SYN 60
+#endif
+#ifndef CT_LIFETIME_TCP_FIN
+#define CT_LIFETIME_TCP_FIN 10
+#endif
+#ifndef CT_LIFETIME_NONTCP
+#define CT_LIFETIME_NONTCP 60
+#endif
+
+#define CT_EGRESS 0
+#define CT_INGRESS 1
+
+static __always_inline void *ct_map(__u8 proto)
+{
+	if (proto == IPPROTO_TCP)
+		return MAP(ct4_global);
+	return MAP(ct_any4_global);
+}
+
+/* Refresh lifetime, flags and counters of an entry for a packet in one direction. */
+static __always_inline void ct_refresh(struct ct_entry *e, const struct pkt4 *p, int reply)
+{
+	__u32 now = mono_seconds();
+	__u32 lifetime = CT_LIFETIME_NONTCP;
+
+	if (p->proto == IPPROTO_TCP) {
+		__u8 fl = p->tcp_flags;
+		__u16 f = e->flags;
+
+		if (reply)
+			e->rx_flags_seen |= fl;
+		else
+			e->tx_flags_seen |= fl;
+		if (fl & TCP_FLAG_RST)
+			f |= CT_F_RX_CLOSING | CT_F_TX_CLOSING;
+		else if (fl & TCP_FLAG_FIN)
+			f |= reply ? CT_F_RX_CLOSING : CT_F_TX_CLOSING;
+		if (!(fl & TCP_FLAG_SYN) || (fl & TCP_FLAG_ACK))
+			f |= CT_F_SEEN_NON_SYN;
+		e->flags = f;
+		if ((f & (CT_F_RX_CLOSING | CT_F_TX_CLOSING)) == (CT_F_RX_CLOSING | CT_F_TX_CLOSING))
+			lifetime = CT_LIFETIME_TCP_FIN;
+		else if (!(f & CT_F_SEEN_NON_SYN))
+			lifetime = CT_LIFETIME_TCP_SYN;
+		else
+			lifetime = CT_LIFETIME_TCP;
+	}
+	e->lifetime = now + lifetime;
+	if (reply)
+		e->last_rx_report = now;
+	else
+		e->last_tx_report = now;
+	__sync_fetch_and_add(&e->packets, 1);
+	__sync_fetch_and_add(&e->bytes, p->len);
+}
+
+/* Look up the connection of `p` from the point of view of an endpoint's egress or ingress.
+ * Returns the entry (or NULL for a new connection) and the state in *state. */
+static __always_inline struct ct_entry *ct_lookup4(const struct pkt4 *p, int dir, __u8 *state)
+{
+	void *map = ct_map(p->proto);
+	struct ct4_key k = {};
+	struct ct_entry *e;
+
+	k.saddr = p->saddr;
+	k.daddr = p->daddr;
+	k.sport = p->sport;
+	k.dport = p->dport;
+	k.nexthdr = p->proto;
+	k.flags = dir == CT_INGRESS ? CT_DIR_IN : CT_DIR_OUT;
+	e = bpf_map_lookup_elem(map, &k);
+	if (e) {
+		/* a fresh SYN on a fully closed connection reopens it: policy is checked again */
+		if (p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN &&
+		    (e->flags & (CT_F_RX_CLOSING | CT_F_TX_CLOSING)) == (CT_F_RX_CLOSING | CT_F_TX_CLOSING)) {
+			e->flags &= ~(CT_F_RX_CLOSING | CT_F_TX_CLOSING | CT_F_SEEN_NON_SYN);
+			e->tx_flags_seen = 0;
+			e->rx_flags_seen = 0;
+			*state = CT_REOPENED;
+		} else {
+			*state = CT_ESTABLISHED;
+		}
+		ct_refresh(e, p, 0);
+		return e;
+	}
+	k.saddr = p->daddr;
+	k.daddr = p->saddr;
+	k.sport = p->dport;
+	k.dport = p->sport;
+	k.flags = dir == CT_INGRESS ? CT_DIR_OUT : CT_DIR_IN;
+	e = bpf_map_lookup_elem(map, &k);
+	if (e) {
+		*state = CT_REPLY;
+		ct_refresh(e, p, 1);
+		return e;
+	}
+	*state = CT_NEW;
+	return NULL;
+}
+
+/* Create the entry for a new connection; 0 or DROP_CT_CREATE_FAILED. */
+static __always_inline int ct_create4(const struct pkt4 *p, __u8 key_flags, __u16 rev_nat_index, __u32 backend_id,
+				      __u32 src_sec_id, __u16 entry_flags, __u32 ifindex)
+{
+	struct ct4_key k = {};
+	struct ct_entry e = {};
+
+	k.saddr = p->saddr;
+	k.daddr = p->daddr;
+	k.sport = p->sport;
+	k.dport = p->dport;
+	k.nexthdr = p->proto;
+	k.flags = key_flags;
+	e.rev_nat_index = rev_nat_index;
+	e.backend_id = backend_id;
+	e.src_sec_id = src_sec_id;
+	e.flags = entry_flags;
+	e.ifindex = (__u16)ifindex;
+	ct_refresh(&e, p, 0);
+	if (bpf_map_update_elem(ct_map(p->proto), &k, &e, BPF_ANY) < 0)
+		return DROP_CT_CREATE_FAILED;
+	return 0;
+}
+
+#endif /* PYCILIUM_CONNTRACK_H */

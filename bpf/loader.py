@@ -84,7 +84,13 @@ class NodeDefines:
     values: Mapping[str, int | str] = field(default_factory=dict)  # other -D NAME=VALUE
 
     def cflags(self) -> list[str]:
-        flags = [f"-I{LIB_DIR}", f'-DPIN_ROOT="{self.pin_root}"', "-Wno-unused-function"]
+        flags = [
+            f"-I{LIB_DIR}",
+            f'-DPIN_ROOT="{self.pin_root}"',
+            "-Wno-unused-function",
+            "-Wno-constant-logical-operand",
+            "-Wno-incompatible-pointer-types-discards-qualifiers",
+        ]
         for k, v in sorted(self.values.items()):
             flags.append(f"-D{k}" if v == "" else f"-D{k}={v}")
         return flags

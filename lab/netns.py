@@ -68,14 +68,19 @@ class Topology:
     def add_veth(self, a: str, b: str, a_ns: str | None = None, b_ns: str | None = None,
                  mtu: int | None = None) -> None:  # fmt: skip
         """Create veth a<->b, moving each end to its namespace (None: the current one)."""
-        ip("link", "add", a, "type", "veth", "peer", "name", b)
+        # created directly inside the namespaces: names like eth0 never clash with the host's
+        cmd = ["link", "add", a]
+        if a_ns:
+            cmd += ["netns", a_ns]
+        cmd += ["type", "veth", "peer", "name", b]
+        if b_ns:
+            cmd += ["netns", b_ns]
+        ip(*cmd)
         if a_ns is None:
             self.host_links.append(a)
         elif b_ns is None:
             self.host_links.append(b)
         for dev, ns in ((a, a_ns), (b, b_ns)):
-            if ns:
-                ip("link", "set", dev, "netns", ns)
             if mtu:
                 ip("link", "set", dev, "mtu", str(mtu), netns=ns)
             ip("link", "set", dev, "up", netns=ns)

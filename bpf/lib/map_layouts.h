@@ -126,6 +126,7 @@ struct lb4_maglev_lut {
 #define CT_DIR_OUT 0      /* created by a packet leaving an endpoint (egress) */
 #define CT_DIR_IN 1       /* created by a packet entering an endpoint (ingress) */
 #define CT_DIR_SVC 4      /* service scope: tuple before DNAT, value holds the backend */
+#define CT_DIR_NODEPORT 8 /* host program: NodePort/external tuple after DNAT, for replies */
 
 /* ct_entry.flags (bit positions follow Cilium's ct_entry) */
 #define CT_F_RX_CLOSING 0x0001

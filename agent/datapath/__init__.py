@@ -1,0 +1,1 @@
+"""Agent side of the datapath: loading programs, conntrack GC, map pressure."""

@@ -1,0 +1,65 @@
+"""Conntrack GC: expired entries and their NAT pairs go, live ones stay; adaptive interval."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from pycilium.agent.datapath.ctgc import ConntrackGC, gc_pass, map_pressure, next_interval
+from pycilium.bpf import loader
+from pycilium.bpf.maps import PinnedMap
+from pycilium.bpf.maps.ctmap import CT4_GLOBAL, CT_ANY4_GLOBAL, Ct4Key, CtEntry
+from pycilium.bpf.maps.defines import d
+from pycilium.bpf.maps.natmap import SNAT_V4_EXTERNAL, Nat4Entry
+
+
+def test_interval_adapts() -> None:
+    assert next_interval(300, 0.5, 43200) == 150
+    assert next_interval(300, 0.99, 43200) == pytest.approx(30)
+    assert next_interval(20, 0.99, 43200) == 10  # floor
+    assert next_interval(300, 0.01, 43200) == 450
+    assert next_interval(40000, 0.0, 43200) == 43200  # cap
+    assert next_interval(300, 0.1, 43200) == 300
+
+
+@pytest.mark.kernel
+def test_gc_deletes_expired_entries_and_their_nat_pairs(pin_root: str) -> None:
+    for fd in loader.open_pinned_maps(pin_root, {}).values():
+        os.close(fd)
+    now = int(time.monotonic())
+    out = d("CT_DIR_OUT")
+    live = Ct4Key(saddr=1, daddr=2, sport=3, dport=4, nexthdr=6, flags=out)
+    dead = Ct4Key(saddr=5, daddr=6, sport=7, dport=8, nexthdr=6, flags=out)
+    dead_udp = Ct4Key(saddr=9, daddr=10, sport=11, dport=12, nexthdr=17, flags=d("CT_DIR_IN"))
+    with PinnedMap(CT4_GLOBAL, pin_root) as tcp, PinnedMap(CT_ANY4_GLOBAL, pin_root) as anyct:
+        tcp.update(live, CtEntry(lifetime=now + 100))
+        tcp.update(dead, CtEntry(lifetime=now - 5))
+        anyct.update(dead_udp, CtEntry(lifetime=now - 1))
+    with PinnedMap(SNAT_V4_EXTERNAL, pin_root) as nat:
+        nat.update(dead, Nat4Entry(to_addr=99, to_port=4000))
+        nat.update(Ct4Key(saddr=6, daddr=99, sport=8, dport=4000, nexthdr=6, flags=d("CT_DIR_IN")),
+                   Nat4Entry(to_addr=5, to_port=7))  # fmt: skip
+        nat.update(live, Nat4Entry(to_addr=99, to_port=4001))
+    res = gc_pass(pin_root)
+    assert (res.scanned, res.deleted, res.nat_deleted) == (3, 2, 2)
+    with PinnedMap(CT4_GLOBAL, pin_root) as tcp:
+        assert [k.saddr for k in tcp.keys()] == [1]
+    with PinnedMap(SNAT_V4_EXTERNAL, pin_root) as nat:
+        assert [k.saddr for k in nat.keys()] == [1]
+    p = map_pressure(pin_root)
+    assert p["ct4_global"] == pytest.approx(1 / CT4_GLOBAL.default_size)
+
+
+@pytest.mark.kernel
+def test_gc_thread_runs_and_stops(pin_root: str) -> None:
+    for fd in loader.open_pinned_maps(pin_root, {}).values():
+        os.close(fd)
+    gc = ConntrackGC(pin_root, fixed_interval=3600)
+    gc.start()
+    for _ in range(50):
+        if gc.runs:
+            break
+        time.sleep(0.05)
+    gc.stop()
+    assert gc.runs >= 1 and gc.interval == 3600

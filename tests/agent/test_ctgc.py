@@ -44,9 +44,9 @@ def test_gc_deletes_expired_entries_and_their_nat_pairs(pin_root: str) -> None:
     res = gc_pass(pin_root)
     assert (res.scanned, res.deleted, res.nat_deleted) == (3, 2, 2)
     with PinnedMap(CT4_GLOBAL, pin_root) as tcp:
-        assert [k.saddr for k in tcp.keys()] == [1]
+        assert [k.saddr for k, _ in tcp.items()] == [1]
     with PinnedMap(SNAT_V4_EXTERNAL, pin_root) as nat:
-        assert [k.saddr for k in nat.keys()] == [1]
+        assert [k.saddr for k, _ in nat.items()] == [1]
     p = map_pressure(pin_root)
     assert p["ct4_global"] == pytest.approx(1 / CT4_GLOBAL.default_size)
 

@@ -1,17 +1,17 @@
 # The two commands: `make lab` (bring up the local multi-node lab) and `make test` (run every test).
 VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
-NODES ?= 2
 
 .PHONY: setup lab lab-down test lint bench
 setup:
 	@bash scripts/setup.sh
 
+# Until the multi-node lab with agents lands, `make lab` brings up the one-node datapath lab.
 lab: setup
-	$(VENV)/bin/pycilium lab up --nodes $(NODES)
+	$(PY) -m pycilium.lab.singlenode up
 
 lab-down: setup
-	$(VENV)/bin/pycilium lab down
+	$(PY) -m pycilium.lab.singlenode down
 
 test: setup lint
 	$(PY) -m pytest -ra $(PYTEST_ARGS)

@@ -1,4 +1,5 @@
-"""Test helpers writing datapath map entries directly (no agent), through the ctypes mirrors."""
+"""Writes datapath map entries directly (no agent), through the ctypes mirrors: for the one-node lab
+and the datapath tests, which drive the programs without a control plane."""
 
 from __future__ import annotations
 

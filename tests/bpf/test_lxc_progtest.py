@@ -10,10 +10,10 @@ from pycilium.bpf import loader, progtest
 from pycilium.bpf.loader import remove_pin_root
 from pycilium.bpf.maps.defines import d
 from pycilium.bpf.maps.util import be16_to_port, be32_to_ip, ip_to_be32
+from pycilium.lab.mapwriter import Maps
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror
 from scapy.layers.l2 import Ether
 
-from tests.bpf.dpmaps import Maps
 from tests.bpf.lxcfix import (
     CLIENT,
     LOCAL,

@@ -414,8 +414,8 @@ class EndpointManager:
                           identity=identity, flags=0, created=time.time())  # fmt: skip
             self.endpoints_map.write(ep)
             undo.append(("delete map entry", lambda: self.endpoints_map.delete(ip)))
+            undo.append(("detach programs", lambda: self.datapath.detach(host)))  # also a partial attach
             self.datapath.attach(host)
-            undo.append(("detach programs", lambda: self.datapath.detach(host)))
             self._persist(ep)
             undo.append(("remove state file", lambda: self._unpersist(ep)))
             with self._lock:

@@ -658,3 +658,67 @@ def test_queries_for_cli(w: World) -> None:
     assert eps["srv"].ingress_enforced and not eps["srv"].egress_enforced and eps["srv"].datapath_synced
     assert not eps["cli"].ingress_enforced
     assert w.cp.identities()[ID_WORLD] == ["reserved:world"]
+
+
+def test_endpoint_entry_missing_then_retry(w: World) -> None:
+    w.cp.upsert_pod(pod_obj("default", "late", {"app": "late"}, "10.200.0.99"))
+    w.policy("default", "p", {"podSelector": {"matchLabels": {"app": "late"}}, "ingress": []})
+    w.cp.endpoint_added(300, "10.200.0.99", "default", "late")  # endpoints-map entry not written yet
+    st = w.cp.policy.endpoint_status(300)
+    assert st is not None and not st.datapath_synced and w.dp.entries[300]
+    w.dp.add_endpoint("10.200.0.99")
+    w.cp.retry()
+    ident = w.cp.resolve_identity("default", "late")
+    assert w.dp.endpoint_entries["10.200.0.99"] == (ident, EP_F_POLICY_INGRESS)
+    st = w.cp.policy.endpoint_status(300)
+    assert st is not None and st.datapath_synced
+    assert w.cp.endpoint_datapath_state(300) == (ident, EP_F_POLICY_INGRESS)
+
+
+def test_endpoint_manager_writer() -> None:
+    from dataclasses import dataclass, replace
+
+    from pycilium.agent.policy.datapath import EndpointManagerWriter
+
+    @dataclass
+    class Ep:
+        id: int
+        ipv4: str
+        identity: int = 5
+        flags: int = 0x8
+
+    class FakeManager:
+        def __init__(self) -> None:
+            self.eps = {7: Ep(7, "10.0.0.7")}
+            self.updates: list[tuple[int, int | None, int | None]] = []
+
+        def get(self, ep_id: int) -> Ep | None:
+            ep = self.eps.get(ep_id)
+            return replace(ep) if ep else None
+
+        def update(self, ep_id: int, *, identity: int | None = None, flags: int | None = None) -> Ep:
+            self.updates.append((ep_id, identity, flags))
+            ep = self.eps[ep_id]
+            if identity is not None:
+                ep.identity = identity
+            if flags is not None:
+                ep.flags = flags
+            return replace(ep)
+
+    m = FakeManager()
+    wr = EndpointManagerWriter(m)
+    assert wr.read_endpoint(7, "10.0.0.7") == (5, 0x8)
+    assert wr.write_endpoint(
+        7, "10.0.0.7", 300, EP_F_POLICY_INGRESS, EP_F_POLICY_INGRESS | EP_F_POLICY_EGRESS
+    )
+    assert m.eps[7].flags == 0x8 | EP_F_POLICY_INGRESS and m.eps[7].identity == 300
+    assert not wr.write_endpoint(8, "10.0.0.8", 1, 0, 0)
+    assert not wr.write_endpoint(7, "10.0.0.99", 1, 0, 0)  # endpoint id reused for another IP
+
+
+def test_background_loop_starts_and_stops() -> None:
+    w = World()
+    w.cp.retry_interval = 0.01
+    w.cp.start()
+    w.cp.stop()
+    assert w.cp._thread is None

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 import grpc
 from pycilium.agent.api import pycilium_pb2 as pb
 from pycilium.agent.api import pycilium_pb2_grpc as pb_grpc
+from pycilium.cli.agent_socket import socket_from_host, socket_problem, unreachable_message
 from pycilium.cli.errors import CliError, Unavailable
 
 DEFAULT_TIMEOUT = 5.0
@@ -17,21 +18,9 @@ T = TypeVar("T")
 _UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
-def socket_from_host(host: str) -> str:
-    """-H accepts a path or a unix:// URL (Cilium style)."""
-    if host.startswith("unix://"):
-        return host[len("unix://") :]
-    if host.startswith("unix:"):
-        return host[len("unix:") :]
-    return host
-
-
 class AgentUnreachable(Unavailable):
     def __init__(self, socket_path: str, detail: str = ""):
-        hint = "is it running?"
-        if "ermission denied" in detail:
-            hint = "permission denied (the socket is root-only)"
-        super().__init__(f"cannot reach the agent at {socket_path}: {hint}")
+        super().__init__(unreachable_message(socket_path, detail))
         self.detail = detail
 
 
@@ -54,8 +43,9 @@ class AgentClient:
         self.close()
 
     def _call(self, method: Callable[..., T], request: Any) -> T:
-        if not os.path.exists(self.socket_path):
-            raise AgentUnreachable(self.socket_path, "no such socket")
+        problem = socket_problem(self.socket_path)
+        if problem is not None:
+            raise Unavailable(problem)
         try:
             return method(request, timeout=self.timeout)
         except grpc.RpcError as e:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 
 from pycilium.bpf.maps.defines import d
@@ -34,11 +33,11 @@ def resolve_labels(
     missing = wanted - labels.keys()
     if not missing:
         return labels, None
-    from pycilium.cli.agent_client import socket_from_host
+    from pycilium.cli.agent_socket import socket_from_host, socket_problem
 
     path = socket_from_host(host)
-    reason = f"cannot reach the agent at {path}"
-    if os.path.exists(path):
+    reason = socket_problem(path)
+    if reason is None:
         from pycilium.cli.agent_client import AgentClient
         from pycilium.cli.errors import CliError
 

@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import cli, cli_subprocess
+from tests.cli.conftest import PYCILIUM, cli, cli_subprocess
 from tests.cli.fake_agent import FakeAgent, running_agent
 
 
@@ -169,3 +172,15 @@ def test_malformed_arguments() -> None:
     assert r.code == 2 and "not allowed with argument" in r.err
     r = cli("service")
     assert r.code == 2 and "required: COMMAND" in r.err
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("runuser") is None, reason="needs root and runuser")
+def test_socket_permission_denied_for_non_root(agent: tuple[str, FakeAgent]) -> None:
+    sock, _ = agent
+    p = subprocess.run(["runuser", "-u", "nobody", "--", PYCILIUM, "-H", sock, "status"], capture_output=True,
+                       text=True, timeout=30)  # fmt: skip
+    assert p.returncode == 2
+    assert (
+        p.stderr.strip()
+        == f"Error: cannot reach the agent at {sock}: permission denied (the socket is root-only)"
+    )

@@ -211,3 +211,16 @@ def test_lab_is_delegated(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cli("lab", "up", "--nodes", "2").code == 0
     assert cli("lab", "--help").code == 0
     assert seen == [["up", "--nodes", "2"], ["--help"]]
+
+
+def test_large_json_lists_stay_valid_json() -> None:
+    import io
+    import json
+
+    from pycilium.cli.output import COMPACT_LIST_THRESHOLD, print_json
+
+    for n in (0, 1, COMPACT_LIST_THRESHOLD, COMPACT_LIST_THRESHOLD + 1, 5000):
+        buf = io.StringIO()
+        data = [{"i": i, "s": "x"} for i in range(n)]
+        print_json(data, buf)
+        assert json.loads(buf.getvalue()) == data

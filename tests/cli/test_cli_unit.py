@@ -203,7 +203,12 @@ def test_lab_is_delegated(monkeypatch: pytest.MonkeyPatch) -> None:
 
     seen: list[list[str]] = []
     fake = types.ModuleType("pycilium.lab.cli")
-    fake.main = lambda argv: seen.append(argv) or 0  # type: ignore[attr-defined]
+
+    def fake_main(argv: list[str]) -> int:
+        seen.append(argv)
+        return 0
+
+    fake.main = fake_main  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "pycilium.lab.cli", fake)
     import pycilium.lab
 

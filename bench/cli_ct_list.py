@@ -44,7 +44,7 @@ def fill(root: str, n: int) -> None:
 
 def timed(argv: list[str]) -> tuple[float, int]:
     t = time.perf_counter()
-    p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True)
+    p = subprocess.run(argv, capture_output=True, check=True)
     return time.perf_counter() - t, p.stdout.count(b"\n")
 
 

@@ -22,8 +22,9 @@ container ports of the pods of each destination identity (all pod identities whe
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 from pycilium.agent.identity.labels import ID_HOST
 from pycilium.agent.identity.pods import ContainerPort
@@ -40,10 +41,10 @@ PORT_BITS = POLICY_FULL_PREFIX - POLICY_STATIC_PREFIX - PROTO_BITS
 EnforcementMode = Literal["default", "always", "never"]
 
 
-@dataclass(frozen=True, order=True)
-class PolicyMapKey:
+class PolicyMapKey(NamedTuple):
     """One allow entry of an endpoint. protocol 0 = any protocol and port; port_prefix = how many
-    leading bits of `port` are significant (0 = any port, 16 = exactly `port`)."""
+    leading bits of `port` are significant (0 = any port, 16 = exactly `port`). A NamedTuple: sets
+    of many thousands of keys are built and diffed on every regeneration."""
 
     egress: bool
     identity: int
@@ -114,8 +115,8 @@ class Subject:
 
 
 class CompileContext(Protocol):
-    def selection(self, sel: Selector) -> frozenset[int]:
-        """Identities a peer selector selects."""
+    def selection(self, sel: Selector) -> AbstractSet[int]:
+        """Identities a peer selector selects (not to be modified)."""
         ...
 
     def named_ports(self, identity: int, name: str, protocol: str) -> set[int]:

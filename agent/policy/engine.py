@@ -27,6 +27,7 @@ import ipaddress
 import logging
 import threading
 from collections.abc import Iterable, Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -139,6 +140,9 @@ class PolicyEngine:
         self._maybe: dict[int, set[PolicyMapKey]] = {}  # possibly present after a failed write
         self._dirty: set[int] = set()
         self._dirty_retry: set[int] = set()
+        self._dirty_policies: set[str] = set()  # selections changed: their endpoints need regenerating
+        self._named_ids: set[int] = set()  # pods of these identities changed named ports
+        self._named_names: set[str] = set()
         self._depth = 0
         self.synced = False
         with self.lock:
@@ -166,13 +170,25 @@ class PolicyEngine:
     def _flush(self) -> None:
         if not self.synced:
             return
+        if self._named_ids:
+            ids, names = self._named_ids, self._named_names
+            self._named_ids, self._named_names = set(), set()
+            for k in self._named_egress:
+                if self._named_egress_affected(self._policies[k], ids, names):
+                    self._dirty_policies.add(k)
+        if self._dirty_policies:
+            keys, self._dirty_policies = self._dirty_policies, set()
+            for k in sorted(keys):
+                p = self._policies.get(k)
+                if p is not None:
+                    self._mark_selected(p)
         while self._dirty:
             ep_id = min(self._dirty)
             self._dirty.discard(ep_id)
             self._regenerate(ep_id)
 
     # ---- CompileContext ------------------------------------------------------------------------
-    def selection(self, sel: Selector) -> frozenset[int]:
+    def selection(self, sel: Selector) -> AbstractSet[int]:
         return self.cache.selection(sel)
 
     def named_ports(self, identity: int, name: str, protocol: str) -> set[int]:
@@ -286,13 +302,8 @@ class PolicyEngine:
         self._dirty |= self._selected_endpoints(p)
 
     def _selectors_changed(self, sels: set[Selector]) -> None:
-        keys: set[str] = set()
         for s in sels:
-            keys |= self._by_selector.get(s, set())
-        for k in keys:
-            p = self._policies.get(k)
-            if p is not None:
-                self._mark_selected(p)
+            self._dirty_policies |= self._by_selector.get(s, set())
         if self._depth == 0:
             self._flush()
 
@@ -308,8 +319,24 @@ class PolicyEngine:
                 before = (old.identity, old.ports) if old else None
                 after = (new.identity, new.ports) if new else None
                 if before != after:
-                    for k in list(self._named_egress):
-                        self._mark_selected(self._policies[k])
+                    ids = {x.identity for x in (old, new) if x is not None and x.identity is not None}
+                    names = {cp.name for x in (old, new) if x is not None for cp in x.ports if cp.name}
+                    if ids and names:  # evaluated once per batch, in _flush
+                        self._named_ids |= ids
+                        self._named_names |= names
+
+    def _named_egress_affected(self, p: ParsedPolicy, ids: set[int], names: set[str]) -> bool:
+        """Whether egress named ports of `p` resolve differently when pods of `ids` with ports
+        `names` change."""
+        for r in p.egress or ():
+            if not names.intersection(pr.name for pr in r.ports or () if pr.name):
+                continue
+            if r.peers is None:
+                return True
+            for sel in r.peers:
+                if not ids.isdisjoint(self.cache.selection(sel)):
+                    return True
+        return False
 
     # ---- endpoints -----------------------------------------------------------------------------
     def endpoint_added(self, ep_id: int, ip: str, namespace: str, name: str) -> None:
@@ -447,6 +474,9 @@ class PolicyEngine:
         with self._batch():
             self.synced = True
             self._dirty |= set(self._endpoints)
+            self._dirty_policies.clear()
+            self._named_ids.clear()
+            self._named_names.clear()
             self._flush()
             for ep_id in sorted(set(self._leftover) - set(self._endpoints)):
                 keys = self._leftover.pop(ep_id)

@@ -152,8 +152,8 @@ def _peer(obj: Any, f: str, namespace: str) -> Selector | None:
                 en = ipaddress.ip_network(str(e), strict=False)
             except ValueError:
                 raise PolicyError(f"{f}.ipBlock.except[{j}]", f"invalid CIDR {e!r}") from None
-            if en.version != net.version or not en.subnet_of(net) or en == net:  # type: ignore[arg-type]
-                raise PolicyError(f"{f}.ipBlock.except[{j}]", f"{e} is not strictly inside {raw}")
+            if en.version != net.version or not en.subnet_of(net):  # type: ignore[arg-type]
+                raise PolicyError(f"{f}.ipBlock.except[{j}]", f"{e} is not inside {raw}")
             if isinstance(en, ipaddress.IPv4Network):
                 excepts.append(en)
         if not isinstance(net, ipaddress.IPv4Network):

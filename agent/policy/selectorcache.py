@@ -9,6 +9,7 @@ on them.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
 
 from pycilium.agent.identity.labels import IdentityView, Labels, view
 from pycilium.agent.policy.selectors import Selector
@@ -51,11 +52,12 @@ class SelectorCache:
         for s in sels:
             self.remove_selector(s)
 
-    def selection(self, sel: Selector) -> frozenset[int]:
+    def selection(self, sel: Selector) -> AbstractSet[int]:
+        """The identities `sel` selects; the cache's own set for registered selectors (read only)."""
         got = self._selections.get(sel)
         if got is None:  # not registered: compute without caching
             return frozenset(i for i, v in self._identities.items() if sel.matches(v))
-        return frozenset(got)
+        return got
 
     def selectors(self) -> list[Selector]:
         return list(self._selections)

@@ -1,13 +1,15 @@
 """Identity, ipcache and policy wired together for one agent: what the agent's main talks to.
 
-    cp = PolicyControlPlane.from_config(config, api_client)
+    em = EndpointManager.from_config(config, ipam, datapath,
+                                     identity_resolver=lambda ns, name: cp.resolve_identity(ns, name))
+    cp = PolicyControlPlane.from_config(config, api_client, endpoint_manager=em)
     # reflector handlers (raw dicts):
     pods            -> cp.upsert_pod / cp.delete_pod
     namespaces      -> cp.upsert_namespace / cp.delete_namespace
     nodes           -> cp.upsert_node / cp.delete_node
     networkpolicies -> cp.upsert_policy / cp.delete_policy
     pyciliumidentities -> cp.upsert_identity / cp.delete_identity
-    # endpoint manager (EndpointManager(..., identity_resolver=cp.resolve_identity)):
+    # endpoint manager: identity and EP_F_POLICY_* flags are set through em.update()
     em.subscribe(lambda ep: cp.endpoint_added(ep.id, ep.ipv4, ep.pod_namespace, ep.pod_name),
                  lambda ep: cp.endpoint_removed(ep.id))
     # once every reflector above reports synced:

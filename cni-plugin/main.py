@@ -18,9 +18,7 @@ Operations:
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import sys
 import time
 
@@ -32,11 +30,15 @@ if TYPE_CHECKING:
 
 COMMANDS = ("ADD", "DEL", "CHECK", "STATUS", "GC", "VERSION")
 DEFAULT_SOCKET = "/var/run/pycilium/cni.sock"
-_CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-_NETWORK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
 KNOWN_ARGS = frozenset(
     {"IgnoreUnknown", "K8S_POD_NAMESPACE", "K8S_POD_NAME", "K8S_POD_INFRA_CONTAINER_ID", "K8S_POD_UID"}
 )
+
+
+def valid_name(name: str) -> bool:
+    """CNI container IDs and network names: ``[A-Za-z0-9][A-Za-z0-9_.-]*`` (no `re`: it costs ~3 ms)."""
+    return bool(name) and name[0].isascii() and name[0].isalnum() and all(c in _NAME_CHARS for c in name)
 
 
 def valid_ifname(name: str) -> bool:
@@ -78,14 +80,14 @@ class Invocation:
         if not self.log_file:
             return
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
-        parts = [f"time={ts}Z", f"level={level}", "subsys=cni", f"msg={json.dumps(msg)}",
+        parts = [f"time={ts}Z", f"level={level}", "subsys=cni", f"msg={p.dumps(msg)}",
                  f"cmd={self.command or '?'}"]  # fmt: skip
         cid = self.env.get("CNI_CONTAINERID")
         if cid:
             parts.append(f"containerID={cid}")
         for k, v in fields.items():
             s = str(v)
-            parts.append(f"{k}={json.dumps(s) if (not s or ' ' in s or '=' in s) else s}")
+            parts.append(f"{k}={p.dumps(s) if (not s or ' ' in s or '=' in s) else s}")
         parts.append(f"duration={(time.monotonic() - self.started) * 1000:.1f}ms")
         try:
             fd = os.open(self.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -102,11 +104,11 @@ class Invocation:
             out = self._run()
         except p.CNIError as e:
             self.log("error", e.msg, code=e.code, details=e.details)
-            return 1, json.dumps(e.to_dict(self.version))
+            return 1, p.dumps(e.to_dict(self.version))
         except Exception as e:  # never a traceback instead of an error object
             err = p.CNIError(p.ERR_INTERNAL, f"pycilium-cni: unexpected error: {e}", type(e).__name__)
             self.log("error", err.msg)
-            return 1, json.dumps(err.to_dict(self.version))
+            return 1, p.dumps(err.to_dict(self.version))
         return 0, out
 
     def _run(self) -> str:
@@ -123,18 +125,18 @@ class Invocation:
     def _version(self) -> str:
         requested = p.LATEST_VERSION
         try:
-            obj = json.loads(self.stdin) if self.stdin.strip() else {}
+            obj = p.loads(self.stdin) if self.stdin.strip() else {}
             v = obj.get("cniVersion") if isinstance(obj, dict) else None
             if isinstance(v, str) and v in p.SUPPORTED_VERSIONS:
                 requested = v
         except ValueError:
             pass
-        return json.dumps({"cniVersion": requested, "supportedVersions": list(p.SUPPORTED_VERSIONS)})
+        return p.dumps({"cniVersion": requested, "supportedVersions": list(p.SUPPORTED_VERSIONS)})
 
     # -- stdin -------------------------------------------------------------------------------------
     def _parse_config(self) -> None:
         try:
-            obj = json.loads(self.stdin)
+            obj = p.loads(self.stdin)
         except ValueError as e:
             raise p.CNIError(
                 p.ERR_DECODE, "failed to decode the network configuration on stdin", str(e)
@@ -158,7 +160,7 @@ class Invocation:
                              f"{self.command} needs cniVersion {need} or later, the configuration has {v}")  # fmt: skip
         problems = []
         name = obj.get("name")
-        if not isinstance(name, str) or not _NETWORK_NAME.match(name):
+        if not isinstance(name, str) or not valid_name(name):
             problems.append("name: must be a non-empty string of [A-Za-z0-9_.-]")
         if not isinstance(obj.get("type"), str) or not obj.get("type"):
             problems.append("type: must be a non-empty string")
@@ -201,7 +203,7 @@ class Invocation:
             cid = env.get("CNI_CONTAINERID", "")
             if not cid:
                 bad.append("CNI_CONTAINERID (missing)")
-            elif not _CONTAINER_ID.match(cid):
+            elif not valid_name(cid):
                 bad.append(f"CNI_CONTAINERID ({cid!r}: must match [A-Za-z0-9][A-Za-z0-9_.-]*)")
             ifname = env.get("CNI_IFNAME", "")
             if not ifname:
@@ -271,19 +273,17 @@ class Invocation:
                 and isinstance(body.get("msg"), str)
             ):
                 raise p.CNIError(body["code"], body["msg"], str(body.get("details") or ""))
-            raise p.CNIError(
-                p.ERR_AGENT_PROTOCOL, f"the agent answered HTTP {status}", json.dumps(body)[:500]
-            )
+            raise p.CNIError(p.ERR_AGENT_PROTOCOL, f"the agent answered HTTP {status}", p.dumps(body)[:500])
         if cmd != "ADD":
             self.log("info", f"{cmd} done", **fields)
             return ""
         if not isinstance(body, dict) or "cniVersion" not in body:
             raise p.CNIError(
-                p.ERR_AGENT_PROTOCOL, "the agent's ADD answer is not a CNI result", json.dumps(body)[:500]
+                p.ERR_AGENT_PROTOCOL, "the agent's ADD answer is not a CNI result", p.dumps(body)[:500]
             )
         ips = ",".join(str(i.get("address")) for i in body.get("ips", []) if isinstance(i, dict))
         self.log("info", "ADD done", ip=ips, **fields)
-        return json.dumps(body)
+        return p.dumps(body)
 
     def _queue_delete(self, req: dict[str, Any]) -> str:
         qdir = self.config.get("delete-queue-dir")

@@ -298,7 +298,7 @@ class EndpointManager:
         return self.state_dir / cniproto.attachment_filename(container_id, ifname)
 
     def _persist(self, ep: Endpoint) -> None:
-        cniproto.atomic_write_json(self._state_file(ep.container_id, ep.ifname), ep.to_dict())
+        cniproto.atomic_write_json(self._state_file(ep.container_id, ep.ifname), ep.to_dict(), pretty=True)
 
     def _unpersist(self, ep: Endpoint) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -128,7 +128,7 @@ class HostScopeIPAM:
             "cidr": str(self._net) if self._net else None,
             "last": str(ipaddress.IPv4Address(self._last)) if self._last is not None else None,
             "allocations": {ip: a.to_dict() for ip, a in sorted(self._alloc.items())},
-        })  # fmt: skip
+        }, pretty=True)  # fmt: skip
 
     # ---- range ---------------------------------------------------------------------------------
     @property

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,10 +20,10 @@ from pycilium.agent.cniapi import conflist, install_cni_binary
 from pycilium.agent.cniapi.install import _BOOT
 from pycilium.agent.config import AgentConfig
 from pycilium.cni import protocol as p
-from pycilium.cni.main import parse_cni_args, valid_ifname
+from pycilium.cni.main import parse_cni_args, valid_ifname, valid_name
 
 FORBIDDEN = ("grpc", "pydantic", "pyroute2", "kubernetes", "pycilium.agent", "pycilium.bpf", "http.client",
-             "email", "typing", "logging", "tempfile")  # fmt: skip
+             "email", "typing", "logging", "tempfile", "json", "socket", "re", "enum")  # fmt: skip
 
 
 class Plugin:
@@ -141,6 +143,31 @@ def test_agent_down(plugin: Plugin) -> None:
     assert "level=error" in log and "level=warning" in log and "DEL queued" in log
 
 
+def test_agent_dying_mid_request_is_unreachable_not_an_io_error(plugin: Plugin) -> None:
+    path = plugin.config.cni_socket_path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(8)
+
+    def serve() -> None:
+        for _ in range(2):
+            conn, _ = srv.accept()
+            conn.recv(65536)
+            conn.close()  # no answer
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        _err(*plugin.run(plugin.env("ADD"))[:2], code=p.ERR_TRY_AGAIN_LATER)
+        rc, out, _ = plugin.run(plugin.env("DEL"))
+        assert rc == 0 and out is None
+        assert (Path(plugin.config.state_dir) / "delete-queue" / "c0ffee.json").exists()
+    finally:
+        t.join(timeout=5)
+        srv.close()
+
+
 def test_runs_with_an_empty_environment_and_without_the_venv(plugin: Plugin) -> None:
     rc, out, _ = plugin.run({"CNI_COMMAND": "VERSION"})
     assert rc == 0 and out["supportedVersions"]
@@ -164,6 +191,21 @@ def test_plugin_import_path_is_stdlib_only(plugin: Plugin) -> None:
         assert not bad, (cmd, bad)
 
 
+@pytest.mark.parametrize("doc", ['{"a": [1, 2.5, -3e2, null, true, false, "x\\u00e9\\n"], "b": {}}', " [] ", '"s"',
+                                 '{"nested": {"k": [{"x": 1}]}, "u": "\u00fc\u4e2d"}', "0"])  # fmt: skip
+def test_fast_json_matches_the_json_module(doc: str) -> None:
+    assert p.loads(doc) == json.loads(doc) == p.loads(doc.encode())
+    assert json.loads(p.dumps(json.loads(doc))) == json.loads(doc)
+
+
+@pytest.mark.parametrize("bad", ["", "   ", "{", '{"a": }', "[1,]", '{"a": 1} x', '"unterminated', "nul"])
+def test_fast_json_rejects_what_json_rejects(bad: str) -> None:
+    with pytest.raises(ValueError):
+        json.loads(bad)
+    with pytest.raises(ValueError):
+        p.loads(bad)
+
+
 def test_helpers() -> None:
     assert parse_cni_args("IgnoreUnknown=1;K8S_POD_NAME=a;;X=") == {
         "IgnoreUnknown": "1",
@@ -173,6 +215,8 @@ def test_helpers() -> None:
     with pytest.raises(ValueError):
         parse_cni_args("=x")
     assert valid_ifname("eth0") and valid_ifname("x" * 15)
+    assert valid_name("a") and valid_name("0ab_c.d-e") and valid_name("f" * 64)
+    assert not any(valid_name(n) for n in ("", "-a", ".a", "a b", "a/b", "é", "a@b"))
     assert not any(valid_ifname(n) for n in ("", ".", "..", "a/b", "a:b", "a b", "x" * 16))
     assert p.attachment_filename("abc", "eth0") == "abc.json"
     assert p.attachment_filename("abc", "net1") == "abc@net1.json"

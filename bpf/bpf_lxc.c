@@ -203,6 +203,11 @@ int from_container(struct __sk_buff *skb)
 			ret = ct_create4(&p, CT_DIR_OUT, rev_nat, backend_id, ep_sec, ct_flags, ifindex);
 			if (ret)
 				return DROP(skb, skb->len, ret, METRIC_DIR_EGRESS, &fi, ifindex, TC_ACT_SHOT);
+		} else if (ct) {
+			ct->rev_nat_index = rev_nat;
+			ct->backend_id = backend_id;
+			ct->src_sec_id = ep_sec;
+			ct->flags |= ct_flags;
 		}
 	} else if (ct && rev_nat && ct->rev_nat_index != rev_nat) {
 		ct->rev_nat_index = rev_nat; /* the service behind an established tuple changed */
@@ -285,6 +290,8 @@ int to_container(struct __sk_buff *skb)
 			ret = ct_create4(&p, CT_DIR_IN, 0, 0, src_id, 0, ifindex);
 			if (ret)
 				return DROP(skb, skb->len, ret, METRIC_DIR_INGRESS, &fi, ifindex, TC_ACT_SHOT);
+		} else if (ct) {
+			ct->src_sec_id = src_id;
 		}
 	}
 	update_metrics(skb->len, REASON_FORWARDED, METRIC_DIR_INGRESS);

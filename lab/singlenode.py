@@ -87,7 +87,7 @@ class SingleNode:
         return netns.run(cmd, netns=ns, check=False, timeout=timeout)
 
     def probe(self, frm: str, host: str, port: int, proto: str = "tcp", count: int = 1,
-              timeout: float = 2.0) -> list[dict[str, str]]:  # fmt: skip
+              timeout: float = 5.0) -> list[dict[str, str]]:  # fmt: skip
         p = self.exec_in(frm, [sys.executable, "-m", "pycilium.lab.probe", host, str(port), "--proto", proto,
                                "--count", str(count), "--timeout", str(timeout)])  # fmt: skip
         return [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]

@@ -86,10 +86,15 @@ static __always_inline struct ct_entry *ct_lookup4(const struct pkt4 *p, int dir
 	k.flags = dir == CT_INGRESS ? CT_DIR_IN : CT_DIR_OUT;
 	e = bpf_map_lookup_elem(map, &k);
 	if (e) {
-		/* a fresh SYN on a fully closed connection reopens it: policy is checked again */
-		if (p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN &&
-		    (e->flags & (CT_F_RX_CLOSING | CT_F_TX_CLOSING)) == (CT_F_RX_CLOSING | CT_F_TX_CLOSING)) {
-			e->flags &= ~(CT_F_RX_CLOSING | CT_F_TX_CLOSING | CT_F_SEEN_NON_SYN);
+		/* A fresh SYN on a closed connection, or any packet on an expired entry, opens a new
+		 * connection on the old tuple: the caller rechecks policy and overwrites the entry's
+		 * service state (a reused source port must not inherit the old flow's reverse NAT). */
+		if ((p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN &&
+		     (e->flags & (CT_F_RX_CLOSING | CT_F_TX_CLOSING))) ||
+		    (__s32)(e->lifetime - mono_seconds()) < 0) {
+			e->flags = 0;
+			e->rev_nat_index = 0;
+			e->backend_id = 0;
 			e->tx_flags_seen = 0;
 			e->rx_flags_seen = 0;
 			*state = CT_REOPENED;

@@ -313,3 +313,22 @@ def test_policy_counters_count_allowed_packets(lxc: Lxc) -> None:
     with lxc.maps.m("policy") as m:
         ((_, e),) = list(m.items())
     assert e.packets == 2
+
+
+def test_reused_source_port_does_not_inherit_the_old_flows_reverse_nat(lxc: Lxc) -> None:
+    """A connection through the VIP closes; a direct connection to the same backend reuses the
+    client port (the kernel allows it: a different 4-tuple on the client). Its replies must not be
+    rewritten to the VIP."""
+    lxc.maps.service(VIP, VPORT, "tcp", REMOTE_BACKENDS[:1], rev_nat=11)
+    be_ip, be_port = REMOTE_BACKENDS[0]
+    peer = {"smac": "02:00:00:00:00:99", "dmac": CLIENT["mac"]}
+    assert lxc.out(tcp(CLIENT["ip"], VIP, 54000, VPORT, "S")).verdict == OK
+    lxc.into(tcp(be_ip, CLIENT["ip"], be_port, 54000, "SA", **peer))
+    lxc.out(tcp(CLIENT["ip"], VIP, 54000, VPORT, "FA"))
+    lxc.into(tcp(be_ip, CLIENT["ip"], be_port, 54000, "FA", **peer))
+    # new direct connection on the same tuple
+    assert lxc.out(tcp(CLIENT["ip"], be_ip, 54000, be_port, "S")).verdict == OK
+    r = lxc.into(tcp(be_ip, CLIENT["ip"], be_port, 54000, "SA", **peer))
+    assert Ether(r.data)[IP].src == be_ip and Ether(r.data)[TCP].sport == be_port
+    out = {k.flags: e for k, e in lxc.maps.ct_entries()}[d("CT_DIR_OUT")]
+    assert out.rev_nat_index == 0 and out.backend_id == 0

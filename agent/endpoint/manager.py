@@ -485,6 +485,10 @@ class EndpointManager:
             nl.delete_link(ipr, host_ifname(container_id, ifname))
 
     def _teardown(self, ep: Endpoint) -> None:
+        # unregister first: an update() racing with us must not rewrite the map entry we delete
+        with self._lock:
+            self._by_id.pop(ep.id, None)
+            self._by_owner.pop(ep.owner, None)
         errors: list[str] = []
         try:
             self.datapath.detach(ep.host_ifname)
@@ -499,9 +503,6 @@ class EndpointManager:
                 nl.delete_link(ipr, ep.host_ifname)
         self.ipam.release(ep.owner)
         self._unpersist(ep)
-        with self._lock:
-            self._by_id.pop(ep.id, None)
-            self._by_owner.pop(ep.owner, None)
         if errors:
             log.warning("endpoint teardown: ignored errors", extra={"endpoint": ep.id, "errors": errors})
 

@@ -9,7 +9,6 @@ fork-per-socket ``IPRoute(netns=...)``; a netns path that does not exist is neve
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import os
@@ -215,15 +214,3 @@ def inspect_pod(ifname: str) -> PodView:
 def with_iproute(fn: Callable[[IPRoute], T]) -> T:
     with IPRoute() as ipr:
         return fn(ipr)
-
-
-def suppress_netlink(*codes: int) -> contextlib.AbstractContextManager[None]:
-    return _Suppress(codes)
-
-
-class _Suppress(contextlib.AbstractContextManager[None]):
-    def __init__(self, codes: tuple[int, ...]):
-        self.codes = codes
-
-    def __exit__(self, et: object, e: BaseException | None, tb: object) -> bool:
-        return isinstance(e, NetlinkError) and e.code in self.codes

@@ -1,6 +1,6 @@
 """CNI ADD/DEL latency of pycilium-cni (plugin + agent) next to Debian's ptp + host-local, in one run.
 
-USAGE: python -m bench.cni_latency [--pods 100] [--concurrency 10] [--json FILE]   (as root)
+USAGE: python -m bench.cni_latency [--pods 100] [--concurrency 10] [--state-base DIR] [--json FILE]   (root)
 
 Both plugins are executed the way a container runtime executes them (CNI_* environment variables,
 the network configuration on stdin) for the same pod network namespaces: first one at a time, then
@@ -8,6 +8,10 @@ the network configuration on stdin) for the same pod network namespaces: first o
 in-process here; ptp delegates to host-local. Everything happens inside network namespaces the
 benchmark creates (a "node" and one per pod) and removes again; the host's own network is not
 touched. Prints p50/p99/mean per operation and the pycilium/ptp ratios. Not a test.
+
+Both plugins keep their state (pycilium's ipam.json and endpoint files, host-local's dataDir) under
+--state-base; every pycilium state change is fsync'ed, so a tmpfs base (/dev/shm: like the default
+/var/run/pycilium on a real node) shows the cost without the disk.
 """
 
 from __future__ import annotations
@@ -92,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                                  epilog="example: sudo .venv/bin/python -m bench.cni_latency --pods 100")  # fmt: skip
     ap.add_argument("--pods", type=int, default=100)
     ap.add_argument("--concurrency", type=int, default=10)
+    ap.add_argument("--state-base", default=None, help="directory for both plugins' state (default: $TMPDIR)")
     ap.add_argument("--json", help="also write the raw numbers here")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -102,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     tag = uuid.uuid4().hex[:6]
-    tmp = Path(tempfile.mkdtemp(prefix="pyc-cnibench-"))
+    tmp = Path(tempfile.mkdtemp(prefix="pyc-cnibench-", dir=args.state_base))
     pin_root = f"/sys/fs/bpf/pyc-bench-{tag}"
     topo = Topology()
     server: CNIServer | None = None
@@ -142,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         remove_pin_root(pin_root)
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"CNI latency: {args.pods} pods, one node netns, milliseconds (lower is better)")
+    print(f"CNI latency: {args.pods} pods, one node netns, state under {args.state_base or tempfile.gettempdir()}, "
+          "milliseconds (lower is better)")  # fmt: skip
     print(f"plugin start (VERSION) p50: pycilium-cni {results['version_p50_ms']['pycilium-cni']:.1f}, "
           f"ptp {results['version_p50_ms']['ptp+host-local']:.1f}")  # fmt: skip
     print(f"{'mode':<14} {'plugin':<16} {'op':<4} {'p50':>7} {'p99':>7} {'mean':>7} {'pods/s':>7}")

@@ -341,7 +341,12 @@ class Reflector:
             q.append(("resourceVersion", self.resource_version))
         self.stats.watches += 1
         # The read timeout covers a peer that vanished without closing the connection.
-        resp = open_request(self.api, "GET", self._path(), query=q, timeout=(10.0, timeout + 30.0))
+        try:
+            resp = open_request(self.api, "GET", self._path(), query=q, timeout=(10.0, timeout + 30.0))
+        except APIError as e:
+            if e.status == 410:  # some servers answer the watch request itself with 410 Gone
+                raise _Gone(e.message) from e
+            raise
         self._resp = resp
         n = 0
         try:

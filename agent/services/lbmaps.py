@@ -220,13 +220,21 @@ class LBMaps:
 
     # --- purge --------------------------------------------------------------------------------
 
-    def purge(self, req: PurgeRequest) -> dict[str, int]:
-        """Delete conntrack, NAT and affinity state of removed backends; returns deletions per map."""
+    def purge(
+        self, req: PurgeRequest, keep_tuples: set[BKey] | frozenset[BKey] = frozenset()
+    ) -> dict[str, int]:
+        """Delete conntrack, NAT and affinity state of removed backends; returns deletions per map.
+
+        keep_tuples: backends (address, port, proto) in use again under a new id, whose OUT/IN
+        conntrack and NAT entries belong to new flows and stay.
+        """
         out: dict[str, int] = {}
         if not req:
             return out
         dead_ids = set(req.dead)
-        dead_tuples = {(aton(bk[0]), nport(bk[1]), bk[2]) for bk in req.dead.values()}
+        dead_tuples = {
+            (aton(bk[0]), nport(bk[1]), bk[2]) for bk in req.dead.values() if bk not in keep_tuples
+        }
         pairs = {(bid, rn) for bid, rn, _ in req.dead_pairs}
         protos = {bk[2] for bk in req.dead.values()} | {p for _, _, p in req.dead_pairs}
         ct_maps = []

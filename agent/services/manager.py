@@ -12,7 +12,9 @@ service"):
   4. frontends           lb4_services[vip,port,0]          (count, local_count, flags, timeout)
   5. removals, in reverse: removed frontends' slot 0, then slots beyond the new counts, reverse NAT
      and affinity match of removed frontends, then backends nothing refers to any more;
-  6. conntrack/NAT/affinity purge for the backends that went away.
+  6. conntrack/NAT/affinity purge for the backends that went away: handed to a purge thread right
+     after the writes (a scan of a large conntrack table must not delay the next service update),
+     batched when several removals are pending.
 
 So a lookup in the datapath sees either the old or the new service, never a slot that points to a
 backend not yet written or already deleted.
@@ -152,12 +154,6 @@ class _Fe:
         return bool(self.val0) and bool(decode_svc_value(self.val0)[3] & SVC_FLAG_AFFINITY)
 
 
-@dataclass(slots=True)
-class _Be:
-    bkey: BKey
-    value: bytes
-
-
 class ServiceManager:
     """Keeps the load-balancer maps equal to the Services and EndpointSlices of the cluster."""
 
@@ -193,13 +189,13 @@ class ServiceManager:
         # written state (sync thread)
         self._state_lock = threading.RLock()
         self._fe: dict[FeKey, _Fe] = {}
-        self._be: dict[int, _Be] = {}
+        self._be: dict[int, bytes] = {}  # backend id -> lb4_backends value as written
         self._revnat_written: dict[int, bytes] = {}
         self._stale_aff: set[tuple[int, int]] = set()  # restored affinity-match pairs, until the full sync
         self._fe_owner: dict[FeKey, SvcKey] = {}
         self._fe_waiters: dict[FeKey, set[SvcKey]] = {}
         self._svc_fes: dict[SvcKey, tuple[FeKey, ...]] = {}
-        self._svc_bes: dict[SvcKey, dict[BKey, tuple[bool, str]]] = {}
+        self._svc_bes: dict[SvcKey, dict[BKey, bool]] = {}  # backend -> active
         self._be_refs: dict[BKey, list[int]] = {}  # [services with it active, services with it terminating]
         self._be_node: dict[BKey, str] = {}
         self._backend_ids: IdAllocator[BKey] = IdAllocator(1, 0xFFFFFFFE, "backend")
@@ -214,6 +210,11 @@ class ServiceManager:
         self._thread: threading.Thread | None = None
         self._sources: list[HasSynced] = []
         self._next_audit = 0.0
+        self._gauges_at = 0.0
+        self._gauges_dirty = False
+        self._purge_q: list[PurgeRequest] = []
+        self._purging = False
+        self._purge_thread: threading.Thread | None = None
         self.cycles = 0
         self.last_error = ""
 
@@ -230,6 +231,8 @@ class ServiceManager:
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="service-sync", daemon=True)
         self._thread.start()
+        self._purge_thread = threading.Thread(target=self._purge_loop, name="service-ct-purge", daemon=True)
+        self._purge_thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop syncing. The maps stay as they are: the datapath keeps forwarding."""
@@ -238,6 +241,12 @@ class ServiceManager:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        with self._cond:
+            self._cond.notify_all()
+        if self._purge_thread is not None:
+            self._purge_thread.join(timeout)
+            self._purge_thread = None
+        self._run_purges()  # whatever is still queued
         with self._state_lock:
             if self._revnat_dirty:
                 self._save_revnat(force=True)
@@ -250,7 +259,15 @@ class ServiceManager:
         with self._in_lock:
             target = self._gen_in
         with self._cond:
-            return self._cond.wait_for(lambda: self.synced.is_set() and self._gen_done >= target, timeout)
+            return self._cond.wait_for(
+                lambda: (
+                    self.synced.is_set()
+                    and self._gen_done >= target
+                    and not self._purge_q
+                    and not self._purging
+                ),
+                timeout,
+            )
 
     def nodes_changed(self) -> None:
         """Node addresses changed (backends carry their node's IP): recompute every service."""
@@ -370,12 +387,17 @@ class ServiceManager:
         self._next_audit = time.monotonic() + self.audit_interval
         backoff = 0.1
         while not self._stop.is_set():
-            timeout = max(0.0, self._next_audit - time.monotonic())
-            self._wake.wait(timeout)
+            deadline = self._next_audit
+            if self._gauges_dirty:
+                deadline = min(deadline, self._gauges_at + 1.0)
+            self._wake.wait(max(0.0, deadline - time.monotonic()))
             self._wake.clear()
             if self._stop.is_set():
                 break
             try:
+                if self._gauges_dirty and time.monotonic() >= self._gauges_at + 1.0:
+                    with self._state_lock:
+                        self._update_gauges()
                 if self._dirty:
                     self._cycle(full=False)
                 if time.monotonic() >= self._next_audit:
@@ -409,7 +431,7 @@ class ServiceManager:
             }
         with self._state_lock:
             self._apply(snapshot, full)
-            self._update_gauges()
+            self._update_gauges(force=full)
             if self._revnat_dirty:
                 self._save_revnat(force=full)
         self.cycles += 1
@@ -460,15 +482,15 @@ class ServiceManager:
         for key, plan in plans.items():
             # backend references
             old_b = self._svc_bes.get(key, {})
-            new_b = plan.backends
-            for bk, (act, _node) in old_b.items():
+            new_b = {bk: act for bk, (act, _n) in plan.backends.items()}
+            for bk, act in old_b.items():
                 nb = new_b.get(bk)
-                if nb is None or nb[0] != act:
+                if nb is None or nb != act:
                     self._be_refs[bk][0 if act else 1] -= 1
                     touched_be[bk] = None
-            for bk, (act, node) in new_b.items():
+            for bk, (act, node) in plan.backends.items():
                 ob = old_b.get(bk)
-                if ob is None or ob[0] != act:
+                if ob is None or ob != act:
                     self._be_refs.setdefault(bk, [0, 0])[0 if act else 1] += 1
                     touched_be[bk] = None
                 if self._be_node.get(bk) != node:
@@ -501,7 +523,7 @@ class ServiceManager:
         if full:
             for fk in self._fe:
                 fe_want.setdefault(fk, None)
-            touched_be.update(dict.fromkeys(be.bkey for be in self._be.values()))
+            touched_be.update(dict.fromkeys(decode_backend(v)[0] for v in self._be.values()))
 
         # 1. backends: ids and values
         be_k: list[bytes] = []
@@ -513,11 +535,10 @@ class ServiceManager:
                 state = BE_STATE_ACTIVE if refs[0] > 0 else BE_STATE_TERMINATING
                 bid = self._backend_ids.acquire(bk)
                 val = backend_value(bk, state, self._node_ip(self._be_node.get(bk, "")))
-                cur = self._be.get(bid)
-                if cur is None or cur.value != val:
+                if self._be.get(bid) != val:
                     be_k.append(backend_key(bid))
                     be_v.append(val)
-                    self._be[bid] = _Be(bk, val)
+                    self._be[bid] = val
             else:
                 self._be_refs.pop(bk, None)
                 self._be_node.pop(bk, None)
@@ -526,9 +547,10 @@ class ServiceManager:
                     dead[bid_] = bk
                     del self._be[bid_]
         if full:  # ids in the map that no allocation owns (duplicates of one backend)
-            for bid, be in list(self._be.items()):
-                if self._backend_ids.get(be.bkey) != bid:
-                    dead[bid] = be.bkey
+            for bid, v in list(self._be.items()):
+                bk = decode_backend(v)[0]
+                if self._backend_ids.get(bk) != bid:
+                    dead[bid] = bk
                     del self._be[bid]
 
         # 2-4. frontends
@@ -597,7 +619,7 @@ class ServiceManager:
                 kept = self._svc_bes.get(svc, {})
                 for b in set(old_slots).difference(new_slots):
                     gone = self._be.get(b)
-                    if b not in dead and (gone is None or gone.bkey not in kept):
+                    if b not in dead and (gone is None or decode_backend(gone)[0] not in kept):
                         dead_pairs.add((b, old.rev_nat, fk[2]))
             self._fe[fk] = _Fe(fe, svc, rn, new_slots, fp.local_count, val0, fp.terminating)
         if full:
@@ -623,12 +645,7 @@ class ServiceManager:
         m.delete(BACKENDS, [backend_key(b) for b in dead])
         dead_pairs = {p for p in dead_pairs if p[0] not in dead}
         if dead or dead_pairs:
-            purged = m.purge(PurgeRequest(dead, dead_pairs))
-            for name, n in purged.items():
-                if n:
-                    self.metrics.purged.labels(map=name).inc(n)
-            if any(purged.values()):
-                log.info("services: purged state of %d removed backends: %s", len(dead), purged)
+            self._queue_purge(PurgeRequest(dict(dead), dead_pairs))
 
         # frontends freed by this batch that other services were waiting for
         waiting: set[SvcKey] = set()
@@ -654,6 +671,56 @@ class ServiceManager:
                 out.update((b, fe.rev_nat) for b in fe.slots)
         return out
 
+    # --- conntrack purge ----------------------------------------------------------------------
+
+    def _queue_purge(self, req: PurgeRequest) -> None:
+        if not req:
+            return
+        with self._cond:
+            self._purge_q.append(req)
+            self._cond.notify_all()
+        if self._purge_thread is None:  # no threads (sync_once): purge inline
+            self._run_purges()
+
+    def _purge_loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._purge_q) or self._stop.is_set())
+                if not self._purge_q and self._stop.is_set():
+                    return
+            self._run_purges()
+
+    def _run_purges(self) -> None:
+        with self._cond:
+            if not self._purge_q or self._purging:
+                return
+            reqs, self._purge_q = self._purge_q, []
+            self._purging = True
+        try:
+            dead: dict[int, BKey] = {}
+            pairs: set[tuple[int, int, int]] = set()
+            for r in reqs:
+                dead.update(r.dead)
+                pairs |= r.dead_pairs
+            with self._state_lock:
+                # a backend that came back (same address, new id) keeps its new flows' OUT/IN entries
+                live = {bk for bk in dead.values() if bk in self._backend_ids}
+                maps = self.maps
+            if maps is None:
+                return
+            purged = maps.purge(PurgeRequest(dead, pairs), keep_tuples=live)
+            for name, n in purged.items():
+                if n:
+                    self.metrics.purged.labels(map=name).inc(n)
+            if any(purged.values()):
+                log.info("services: purged state of %d removed backends: %s", len(dead), purged)
+        except Exception:
+            log.exception("services: conntrack purge failed")
+        finally:
+            with self._cond:
+                self._purging = False
+                self._cond.notify_all()
+
     # --- restore ------------------------------------------------------------------------------
 
     def restore(self) -> None:
@@ -665,7 +732,7 @@ class ServiceManager:
                 bid = decode_backend_key(k)
                 bk, _state, _node = decode_backend(v)
                 self._backend_ids.restore(bk, bid)
-                self._be[bid] = _Be(bk, bytes(v))
+                self._be[bid] = bytes(v)
             slot0: dict[FeKey, bytes] = {}
             slots: dict[FeKey, dict[int, int]] = {}
             for k, v in m.items(SERVICES):
@@ -747,7 +814,7 @@ class ServiceManager:
                         pairs[affinity_match_key(b, fe.rev_nat)] = b"\x01"
             return {
                 SERVICES: svcs,
-                BACKENDS: {backend_key(b): be.value for b, be in self._be.items()},
+                BACKENDS: {backend_key(b): v for b, v in self._be.items()},
                 REVERSE_NAT: {revnat_key(rn): v for rn, v in self._revnat_written.items()},
                 AFFINITY_MATCH: pairs,
             }
@@ -792,7 +859,7 @@ class ServiceManager:
                         dead[decode_backend_key(k)] = decode_backend(have_be[k])[0]
                 m.delete(BACKENDS, extra[BACKENDS])
             if dead:
-                m.purge(PurgeRequest(dead, set()))
+                self._queue_purge(PurgeRequest(dead, set()))
             total = 0
             for name in expected:
                 n = len(fixes[name][0]) + len(extra[name])
@@ -806,7 +873,13 @@ class ServiceManager:
 
     # --- queries ------------------------------------------------------------------------------
 
-    def _update_gauges(self) -> None:
+    def _update_gauges(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._gauges_at < 1.0:
+            self._gauges_dirty = True  # O(services): at most once a second, not on every cycle
+            return
+        self._gauges_at = now
+        self._gauges_dirty = False
         with self._in_lock:
             by_type: dict[str, int] = {}
             for info in self._services.values():
@@ -829,10 +902,10 @@ class ServiceManager:
                 _b, count, rn, flags, flags2, local_count = decode_svc_value(fe.val0)
                 backends: list[BackendView] = []
                 for i, bid in enumerate(fe.slots):
-                    be = self._be.get(bid)
-                    if be is None:
+                    raw = self._be.get(bid)
+                    if raw is None:
                         continue
-                    bk, state, _node = decode_backend(be.value)
+                    bk, state, _node = decode_backend(raw)
                     backends.append(BackendView(bid, bk[0], bk[1], PROTO_NAMES.get(bk[2], str(bk[2])),
                                                 _state_name(state), True, i < local_count))  # fmt: skip
                 for bk in fe.terminating:

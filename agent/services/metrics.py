@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -20,14 +21,14 @@ class ServiceMetrics:
 
 
 _lock = threading.Lock()
-_by_registry: dict[int, ServiceMetrics] = {}
+_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, ServiceMetrics] = weakref.WeakKeyDictionary()
 
 
 def service_metrics(registry: CollectorRegistry | None = None) -> ServiceMetrics:
     """The metrics registered in `registry` (default: the global one), created once per registry."""
     reg = REGISTRY if registry is None else registry
     with _lock:
-        m = _by_registry.get(id(reg))
+        m = _by_registry.get(reg)
         if m is None:
             m = ServiceMetrics(
                 sync_duration=Histogram(
@@ -70,5 +71,5 @@ def service_metrics(registry: CollectorRegistry | None = None) -> ServiceMetrics
                     registry=reg,
                 ),
             )
-            _by_registry[id(reg)] = m
+            _by_registry[reg] = m
         return m

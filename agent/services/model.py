@@ -9,6 +9,7 @@ wrong and skipped; a Service is only rejected as a whole when nothing usable is 
 from __future__ import annotations
 
 import ipaddress
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -263,7 +264,8 @@ def parse_endpoint_slice(obj: Obj, warn: Warn) -> SliceInfo | None:
             if p.get("port") is not None:
                 warn(f"ports[{i}].port: invalid port {p.get('port')!r}; port skipped")
             continue
-        ports.append(SlicePort(p.get("name") or "", proto, port))
+        pname = p.get("name")
+        ports.append(SlicePort(sys.intern(pname) if isinstance(pname, str) else "", proto, port))
     endpoints: list[SliceEndpoint] = []
     raw_eps = obj.get("endpoints") or []
     for i, ep in enumerate(raw_eps if isinstance(raw_eps, list) else []):
@@ -277,7 +279,8 @@ def parse_endpoint_slice(obj: Obj, warn: Warn) -> SliceInfo | None:
         ready = _cond(conds, "ready", True)
         serving = _cond(conds, "serving", ready)
         terminating = _cond(conds, "terminating", False)
-        node = ep.get("nodeName") or ""
+        node = ep.get("nodeName")
+        node = sys.intern(node) if isinstance(node, str) else ""  # few distinct names, many endpoints
         for j, a in enumerate(ep.get("addresses") or []):
             ip4 = _ipv4(a)
             if ip4 is None:
@@ -285,7 +288,7 @@ def parse_endpoint_slice(obj: Obj, warn: Warn) -> SliceInfo | None:
                 continue
             endpoints.append(SliceEndpoint(ip4, node, ready and not terminating, serving, terminating))
             break  # the API allows one address per endpoint; consumers use the first
-    return SliceInfo(ns, name, svc, tuple(ports), tuple(endpoints))
+    return SliceInfo(sys.intern(ns), name, svc, tuple(ports), tuple(endpoints))
 
 
 def compact_service(obj: Obj) -> Obj:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 import types
 from collections.abc import Iterator
 from typing import Any
@@ -451,6 +452,11 @@ def test_audit_repairs_drift_and_counts_it(root: str) -> None:
             reg.get_sample_value("pycilium_services_sync_duration_seconds_count", {"mode": "incremental"})
             or 0
         ) >= 1
+        end = time.monotonic() + 3  # gauges are refreshed at most once a second
+        while (
+            reg.get_sample_value("pycilium_services", {"type": "ClusterIP"}) != 1 and time.monotonic() < end
+        ):
+            time.sleep(0.05)
         assert reg.get_sample_value("pycilium_services", {"type": "ClusterIP"}) == 1
     finally:
         m.stop()

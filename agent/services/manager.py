@@ -370,6 +370,7 @@ class ServiceManager:
         while not self._stop.is_set() and not all(s.synced.is_set() for s in self._sources):
             self._stop.wait(0.05)
         backoff = 0.1
+        failed = False
         while not self._stop.is_set() and not self.synced.is_set():
             try:
                 self._cycle(full=True)
@@ -380,11 +381,14 @@ class ServiceManager:
                     "services: initial sync written (%d frontends, %d backends)", len(self._fe), len(self._be)
                 )
             except Exception as e:
+                failed = True
                 self.last_error = f"{type(e).__name__}: {e}"
                 log.exception("services: initial sync failed; retrying in %.1fs", backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
-        self._next_audit = time.monotonic() + self.audit_interval
+        # The desired state is recorded before it is written: after a failed write only the audit,
+        # which compares with the maps themselves, finds what is missing. Run it at once then.
+        self._next_audit = time.monotonic() + (0.0 if failed else self.audit_interval)
         backoff = 0.1
         while not self._stop.is_set():
             deadline = self._next_audit

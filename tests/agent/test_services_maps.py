@@ -495,3 +495,33 @@ def test_struct_encoding_matches_the_ctypes_mirrors() -> None:
         lbmap.Lb4ReverseNat(address=ip_to_be32("10.0.0.1"), port=port_to_be16(53)))  # fmt: skip
     assert lbmaps.affinity_match_key(5, 6) == bytes(lbmap.LbAffinityMatch(backend_id=5, rev_nat_index=6))
     assert socket.inet_ntoa(k[:4]) == "10.1.2.3"
+
+
+def test_failed_map_write_is_repaired_by_the_audit(root: str) -> None:
+    class FlakyMaps(LBMaps):
+        fail_next = 0
+
+        def update(self, name: str, keys: Any, values: Any) -> None:
+            if name == SERVICES and keys and self.fail_next:
+                self.fail_next -= 1
+                raise OSError(28, "No space left on device (injected)")
+            super().update(name, keys, values)
+
+    maps = FlakyMaps(root)
+    m = manager(root, maps=maps, audit_interval=3600)
+    m.start()
+    try:
+        assert m.flush(5)
+        maps.fail_next = 1
+        m.on_service(svc())
+        m.on_endpoint_slice(eps([ep("10.0.1.1")]))
+        end = time.monotonic() + 5
+        while time.monotonic() < end and ("10.96.0.10", 80, TCP, 0) not in dump_services(root):
+            time.sleep(0.05)
+        services = dump_services(root)
+        assert services[("10.96.0.10", 80, TCP, 0)][1] == 1 and ("10.96.0.10", 80, TCP, 1) in services
+        assert "No space left" in m.last_error
+        assert m.audit() == 0
+    finally:
+        m.stop()
+        maps.close()

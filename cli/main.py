@@ -290,6 +290,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.write(f"Error: {e}\n")
             return e.code
     args = parser.parse_args(argv)
+    if getattr(args, "command", None) == "bpf" or "bpf" in (argv if argv is not None else sys.argv[1:])[:3]:
+        from pycilium.bpf.bpffs import ensure_host_bpffs
+
+        ensure_host_bpffs()  # under `ip netns exec` the host's bpffs is hidden; see bpf/bpffs.py
     if args.version:
         print(f"pycilium {_version()}")
         return 0

@@ -16,7 +16,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 APT_PACKAGES=(python3-bpfcc linux-headers-amd64 iproute2 python3-venv python3-dev iptables
-              ethtool containernetworking-plugins iputils-ping procps)
+              ethtool containernetworking-plugins iputils-ping procps curl util-linux)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,0 +1,124 @@
+"""Prometheus metrics read from the datapath at scrape time, and the HTTP endpoints of the agent.
+
+`/metrics` (prometheus-serve-port) exports drop and forward counters by reason and direction from
+the per-CPU metrics map, map pressure (entries / max_entries) of the maps that can fill up, and the
+counters the subsystems register. `/healthz` (health-port, 127.0.0.1 by default) answers 200 once the
+agent is ready and 503 with the reason before that.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from pycilium.agent.datapath.ctgc import map_pressure
+from pycilium.bpf.maps import BY_NAME, MapNotPinnedError, PinnedMap
+from pycilium.bpf.maps.defines import reason_text
+
+log = logging.getLogger("pycilium.metrics")
+DIRECTIONS = {1: "INGRESS", 2: "EGRESS", 3: "SERVICE"}
+
+
+class DatapathCollector(Collector):
+    """Reads the pinned maps when Prometheus scrapes."""
+
+    def __init__(self, bpf_root: str):
+        self.bpf_root = bpf_root
+
+    def collect(self) -> Iterator[Any]:
+        drops = CounterMetricFamily(
+            "pycilium_drop_count", "Packets dropped by the datapath", labels=["reason", "direction"]
+        )
+        drop_bytes = CounterMetricFamily(
+            "pycilium_drop_bytes", "Bytes dropped by the datapath", labels=["reason", "direction"]
+        )
+        fwd = CounterMetricFamily(
+            "pycilium_forward_count", "Packets forwarded by the datapath", labels=["direction"]
+        )
+        fwd_bytes = CounterMetricFamily(
+            "pycilium_forward_bytes", "Bytes forwarded by the datapath", labels=["direction"]
+        )
+        try:
+            with PinnedMap(BY_NAME["metrics"], self.bpf_root) as m:
+                for k, vs in m.items_percpu():
+                    count, nbytes = sum(v.count for v in vs), sum(v.bytes for v in vs)
+                    direction = DIRECTIONS.get(k.dir, str(k.dir))
+                    if k.reason == 0:
+                        fwd.add_metric([direction], count)
+                        fwd_bytes.add_metric([direction], nbytes)
+                    else:
+                        drops.add_metric([reason_text(k.reason), direction], count)
+                        drop_bytes.add_metric([reason_text(k.reason), direction], nbytes)
+        except MapNotPinnedError:
+            pass
+        yield from (drops, drop_bytes, fwd, fwd_bytes)
+        pressure = GaugeMetricFamily(
+            "pycilium_bpf_map_pressure", "Fill level of a BPF map (0..1)", labels=["map_name"]
+        )
+        for name, value in map_pressure(self.bpf_root).items():
+            pressure.add_metric([name], value)
+        yield pressure
+
+
+class HTTPEndpoints:
+    """/healthz and /metrics on their own ports (each may be 0 = off)."""
+
+    def __init__(self, *, health_bind: str, health_port: int, metrics_bind: str, metrics_port: int,
+                 readiness: Callable[[], str | None], registry: CollectorRegistry = REGISTRY,
+                 details: Callable[[], dict[str, Any]] | None = None) -> None:  # fmt: skip
+        self.readiness = readiness
+        self.registry = registry
+        self.details = details
+        self._servers: list[ThreadingHTTPServer] = []
+        if health_port:
+            self._servers.append(self._make(health_bind, health_port))
+        if metrics_port and (metrics_port != health_port or metrics_bind != health_bind):
+            self._servers.append(self._make(metrics_bind, metrics_port))
+
+    def _make(self, bind: str, port: int) -> ThreadingHTTPServer:
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                if self.path.startswith("/healthz"):
+                    why = owner.readiness()
+                    body = {"status": "ok" if why is None else "not ready", "reason": why or ""}
+                    if owner.details and why is None and "brief" not in self.headers:
+                        body.update(owner.details())
+                    self._send(200 if why is None else 503, json.dumps(body).encode(), "application/json")
+                elif self.path.startswith("/metrics"):
+                    self._send(200, generate_latest(owner.registry), "text/plain; version=0.0.4")
+                else:
+                    self._send(404, b"not found\n", "text/plain")
+
+            def _send(self, code: int, body: bytes, ctype: str) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        srv = ThreadingHTTPServer((bind, port), Handler)
+        srv.daemon_threads = True
+        return srv
+
+    def start(self) -> None:
+        for srv in self._servers:
+            threading.Thread(
+                target=srv.serve_forever, name=f"http-{srv.server_address[1]}", daemon=True
+            ).start()
+
+    def stop(self) -> None:
+        for srv in self._servers:
+            srv.shutdown()
+            srv.server_close()

@@ -3,8 +3,8 @@
 For every other node (native routing): `<podCIDR> via <InternalIP> proto pycilium`. In the ipcache:
 every IPv4 address of this node /32 -> reserved:host, of other nodes /32 -> reserved:remote-node
 (flag IPCACHE_F_REMOTE_NODE), and 0.0.0.0/0 -> reserved:world. This node's spec.podCIDR(s) are handed
-to `on_pod_cidrs` (IPAM), and node address changes to `on_nodes_changed` (the service manager puts
-backend node IPs into the datapath).
+to `on_pod_cidrs` (IPAM), and the names of nodes whose addresses changed to `on_nodes_changed` (the
+service manager puts backend node IPs into the datapath).
 
 Restart rules as everywhere in the agent: what is found (our routes by protocol number, our ipcache
 entries by their reserved identities) is kept and only replaced; stale routes and entries are
@@ -116,7 +116,7 @@ class NodeManager:
         route_proto: int = RTPROT_PYCILIUM,
         netns: str | None = None,
         on_pod_cidrs: Callable[[list[str]], None] | None = None,
-        on_nodes_changed: Callable[[], None] | None = None,
+        on_nodes_changed: Callable[[set[str]], None] | None = None,
         resync_interval: float = 60.0,
     ) -> None:
         self.node_name = node_name
@@ -350,9 +350,10 @@ class NodeManager:
         sig = {n.name: (n.internal_ip, n.addresses) for n in self.nodes()}
         if sig == self._addr_sig:
             return
+        changed = {k for k in sig.keys() | self._addr_sig.keys() if sig.get(k) != self._addr_sig.get(k)}
         self._addr_sig = sig
         if self.on_nodes_changed is not None:
             try:
-                self.on_nodes_changed()
+                self.on_nodes_changed(changed)
             except Exception:
                 log.exception("on_nodes_changed callback failed")

@@ -185,6 +185,7 @@ class ServiceManager:
         self._slices: dict[SliceKey, SliceInfo] = {}
         self._svc_slices: dict[SvcKey, set[SliceKey]] = {}
         self._dirty: set[SvcKey] = set()
+        self._nodes_dirty: set[str] | None = set()  # nodes whose IP changed (None: all)
         self._gen_in = 0
         # written state (sync thread)
         self._state_lock = threading.RLock()
@@ -269,11 +270,21 @@ class ServiceManager:
                 timeout,
             )
 
-    def nodes_changed(self) -> None:
-        """Node addresses changed (backends carry their node's IP): recompute every service."""
+    def nodes_changed(self, nodes: Iterable[str] | None = None) -> None:
+        """Node addresses changed (backends carry their node's IP): recompute the services with
+        endpoints on those nodes (every service when `nodes` is None)."""
         with self._in_lock:
-            self._dirty.update(self._services)
-            self._dirty.update(self._svc_fes)
+            if nodes is None:
+                self._dirty.update(self._services)
+                self._dirty.update(self._svc_fes)
+                self._nodes_dirty = None
+            else:
+                names = set(nodes)
+                if self._nodes_dirty is not None:
+                    self._nodes_dirty |= names
+                for sl in self._slices.values():
+                    if any(ep.node in names for ep in sl.endpoints):
+                        self._dirty.add(sl.service_key)
             self._gen_in += 1
         self._wake.set()
 
@@ -429,12 +440,13 @@ class ServiceManager:
             else:
                 keys, self._dirty = self._dirty, set()
             gen = self._gen_in
+            nodes_dirty, self._nodes_dirty = self._nodes_dirty, set()
             snapshot = {
                 k: (self._services.get(k), [self._slices[s] for s in self._svc_slices.get(k, ())])
                 for k in keys
             }
         with self._state_lock:
-            self._apply(snapshot, full)
+            self._apply(snapshot, full, nodes_dirty)
             self._update_gauges(force=full)
             if self._revnat_dirty:
                 self._save_revnat(force=full)
@@ -461,7 +473,17 @@ class ServiceManager:
         except Exception:
             return None
 
-    def _apply(self, snapshot: dict[SvcKey, tuple[ServiceInfo | None, list[SliceInfo]]], full: bool) -> None:
+    def _apply(
+        self,
+        snapshot: dict[SvcKey, tuple[ServiceInfo | None, list[SliceInfo]]],
+        full: bool,
+        nodes_dirty: set[str] | None = None,
+    ) -> None:
+        """Plan the services in `snapshot` and write the difference. `full`: the snapshot holds every
+        service, so whatever it does not produce is stale. `nodes_dirty`: backends on these nodes are
+        rewritten (their node IP changed); None: on every node."""
+        every_node = nodes_dirty is None
+        nodes_dirty = nodes_dirty or set()
         assert self.maps is not None
         touched_be: dict[BKey, None] = {}  # insertion-ordered: ids follow the plan order
         fe_want: dict[FeKey, tuple[SvcKey, FrontendPlan] | None] = {}
@@ -500,7 +522,7 @@ class ServiceManager:
                 if self._be_node.get(bk) != node:
                     self._be_node[bk] = node
                     touched_be[bk] = None
-                elif full:
+                elif full or every_node or node in nodes_dirty:
                     touched_be[bk] = None
             if new_b:
                 self._svc_bes[key] = new_b

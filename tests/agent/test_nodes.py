@@ -111,9 +111,9 @@ class Source:
 def test_routes_ipcache_and_own_pod_cidrs(lab: tuple[str, str]) -> None:
     ns, root = lab
     cidrs: list[list[str]] = []
-    changed: list[int] = []
+    changed: list[set[str]] = []
     mgr = NodeManager(node_name="n1", bpf_root=root, netns=ns, on_pod_cidrs=cidrs.append,
-                      on_nodes_changed=lambda: changed.append(1))  # fmt: skip
+                      on_nodes_changed=changed.append)  # fmt: skip
     mgr.start([Source(synced=True)])
     try:
         mgr.on_node(node("n1", "192.168.60.1", "10.200.1.0/24"))
@@ -134,7 +134,8 @@ def test_routes_ipcache_and_own_pod_cidrs(lab: tuple[str, str]) -> None:
             "192.168.60.3/32": (ID_REMOTE_NODE, "", F_REMOTE),
             "192.168.99.4/32": (ID_REMOTE_NODE, "", F_REMOTE),
         }
-        assert mgr.node_ip_of("n2") == "192.168.60.2" and changed
+        assert mgr.node_ip_of("n2") == "192.168.60.2"
+        assert set().union(*changed) == {"n1", "n2", "n3", "n4"}
         # n3 goes away, n2 moves its pod CIDR, n4 becomes reachable
         mgr.on_node_deleted({"metadata": {"name": "n3"}})
         mgr.on_node(node("n2", "192.168.60.2", "10.200.22.0/24", external="203.0.113.2"))

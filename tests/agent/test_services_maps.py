@@ -525,3 +525,25 @@ def test_failed_map_write_is_repaired_by_the_audit(root: str) -> None:
     finally:
         m.stop()
         maps.close()
+
+
+def test_node_address_change_updates_backend_node_ip(root: str) -> None:
+    ips = {"n1": "192.168.1.1", "n2": "192.168.1.2"}
+    m = manager(root, node_ip_of=ips.get)
+    m.start()
+    try:
+        m.on_service(svc())
+        m.on_service(svc(name="other", clusterIP="10.96.0.11"))
+        m.on_endpoint_slice(eps([ep("10.0.1.1", "n1"), ep("10.0.2.1", "n2")]))
+        m.on_endpoint_slice(eps([ep("10.0.1.9", "n1")], name="other-1", service="other"))
+        assert m.flush(5)
+        assert {v[0]: v[4] for v in dump_backends(root).values()} == {
+            "10.0.1.1": "192.168.1.1", "10.0.2.1": "192.168.1.2", "10.0.1.9": "192.168.1.1"}  # fmt: skip
+        ips["n2"] = "192.168.1.22"
+        cycles = m.cycles
+        m.nodes_changed({"n2"})
+        assert m.flush(5)
+        assert {v[0]: v[4] for v in dump_backends(root).values()}["10.0.2.1"] == "192.168.1.22"
+        assert m.cycles == cycles + 1
+    finally:
+        m.stop()

@@ -192,7 +192,10 @@ class ServiceManager:
         self._fe: dict[FeKey, _Fe] = {}
         self._be: dict[int, bytes] = {}  # backend id -> lb4_backends value as written
         self._revnat_written: dict[int, bytes] = {}
-        self._stale_aff: set[tuple[int, int]] = set()  # restored affinity-match pairs, until the full sync
+        self._stale_aff: set[tuple[int, int]] = set()
+        self._orphans: dict[
+            int, BKey
+        ] = {}  # restored backend ids whose backend has another id  # restored affinity-match pairs, until the full sync
         self._fe_owner: dict[FeKey, SvcKey] = {}
         self._fe_waiters: dict[FeKey, set[SvcKey]] = {}
         self._svc_fes: dict[SvcKey, tuple[FeKey, ...]] = {}
@@ -549,7 +552,8 @@ class ServiceManager:
         if full:
             for fk in self._fe:
                 fe_want.setdefault(fk, None)
-            touched_be.update(dict.fromkeys(decode_backend(v)[0] for v in self._be.values()))
+            for bid, v in self._be.items():
+                touched_be[self._backend_ids.owner(bid) or decode_backend(v)[0]] = None
 
         # 1. backends: ids and values
         be_k: list[bytes] = []
@@ -572,12 +576,12 @@ class ServiceManager:
                 if bid_ is not None and bid_ in self._be:
                     dead[bid_] = bk
                     del self._be[bid_]
-        if full:  # ids in the map that no allocation owns (duplicates of one backend)
-            for bid, v in list(self._be.items()):
-                bk = decode_backend(v)[0]
-                if self._backend_ids.get(bk) != bid:
+        if full:  # ids found in the map that no allocation owns (duplicates of one backend)
+            for bid, bk in self._orphans.items():
+                if bid in self._be and self._backend_ids.get(bk) != bid:
                     dead[bid] = bk
                     del self._be[bid]
+            self._orphans = {}
 
         # 2-4. frontends
         slot_k: list[bytes] = []
@@ -757,7 +761,8 @@ class ServiceManager:
             for k, v in m.items(BACKENDS):
                 bid = decode_backend_key(k)
                 bk, _state, _node = decode_backend(v)
-                self._backend_ids.restore(bk, bid)
+                if not self._backend_ids.restore(bk, bid):
+                    self._orphans[bid] = bk
                 self._be[bid] = bytes(v)
             slot0: dict[FeKey, bytes] = {}
             slots: dict[FeKey, dict[int, int]] = {}

@@ -367,6 +367,11 @@ def test_restart_keeps_ids_and_deletes_stale_only_after_the_first_full_sync(root
     before_revnat = dump_revnat(root)
     m1.stop()
 
+    # A duplicate id for a backend that already has one (left by an interrupted write).
+    with PinnedMap(lbmap.BACKENDS, root) as b:
+        b.update(lbmap.Lb4BackendKey(backend_id=500), lbmap.Lb4Backend(address=ip_to_be32("10.0.1.1"),
+                 port=port_to_be16(8080), proto=TCP))  # fmt: skip
+    before_backends = dump_backends(root)
     # Restart: service b was deleted meanwhile, a has a new endpoint.
     svc_src, eps_src = Source(), Source()
     m2 = manager(root)
@@ -382,11 +387,12 @@ def test_restart_keeps_ids_and_deletes_stale_only_after_the_first_full_sync(root
     # a's frontend kept its rev_nat_index and backend ids; b is gone
     assert after[("10.96.0.1", 80, TCP, 0)][2] == before_services[("10.96.0.1", 80, TCP, 0)][2]
     assert not any(k[0] == "10.96.0.2" for k in after)
-    ids_before = {v[:3]: k for k, v in before_backends.items()}
+    ids_before = {v[:3]: k for k, v in before_backends.items() if k != 500}
     ids_after = backend_ids(root)
     assert ids_after[("10.0.1.1", 8080, TCP)] == ids_before[("10.0.1.1", 8080, TCP)]
     assert ids_after[("10.0.2.1", 8080, TCP)] == ids_before[("10.0.2.1", 8080, TCP)]
     assert ("10.0.2.2", 8080, TCP) not in ids_after and ("10.0.3.1", 8080, TCP) in ids_after
+    assert 500 not in dump_backends(root) and len(dump_backends(root)) == 3
     rn_b = before_services[("10.96.0.2", 80, TCP, 0)][2]
     assert rn_b not in dump_revnat(root) and set(dump_revnat(root)) == set(before_revnat) - {rn_b}
     # a new frontend never reuses b's index right away

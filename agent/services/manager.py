@@ -758,12 +758,6 @@ class ServiceManager:
         assert self.maps is not None
         with self._state_lock:
             m = self.maps
-            for k, v in m.items(BACKENDS):
-                bid = decode_backend_key(k)
-                bk, _state, _node = decode_backend(v)
-                if not self._backend_ids.restore(bk, bid):
-                    self._orphans[bid] = bk
-                self._be[bid] = bytes(v)
             slot0: dict[FeKey, bytes] = {}
             slots: dict[FeKey, dict[int, int]] = {}
             for k, v in m.items(SERVICES):
@@ -772,6 +766,15 @@ class ServiceManager:
                     slot0[fk] = bytes(v)
                 else:
                     slots.setdefault(fk, {})[slot] = decode_svc_value(v)[0]
+            in_slots = {b for ss in slots.values() for b in ss.values()}
+            found = [(decode_backend_key(k), bytes(v)) for k, v in m.items(BACKENDS)]
+            # One backend under two ids (an interrupted write): keep the id the slots use, else the lowest.
+            found.sort(key=lambda e: (e[0] not in in_slots, e[0]))
+            for bid, v in found:
+                bk = decode_backend(v)[0]
+                if not self._backend_ids.restore(bk, bid):
+                    self._orphans[bid] = bk
+                self._be[bid] = v
             for fk in set(slot0) | set(slots):
                 v0 = slot0.get(fk)
                 ss = slots.get(fk, {})

@@ -27,6 +27,10 @@
 #ifndef NODEPORT_MIN
 #define NODEPORT_MIN 30000
 #endif
+#ifndef POD_CIDR_ADDR /* unknown PodCIDR: every destination may be a local endpoint */
+#define POD_CIDR_ADDR 0
+#define POD_CIDR_MASK 0
+#endif
 #ifndef NODEPORT_MAX
 #define NODEPORT_MAX 32767
 #endif
@@ -112,8 +116,8 @@ int from_container(struct __sk_buff *skb)
 	fi.ep_id = ep_id;
 	fi.src_label = ep_sec;
 	if (!(ep_flags & EP_F_NO_MAC_CHECK)) {
-		__u8 smac[ETH_ALEN];
-		if (bpf_skb_load_bytes(skb, ETH_ALEN, smac, ETH_ALEN) < 0 || !mac_equal(smac, ep->mac))
+		struct ethhdr *eth = (void *)(long)skb->data;
+		if ((void *)(eth + 1) > (void *)(long)skb->data_end || !mac_equal(eth->h_source, ep->mac))
 			return DROP(skb, skb->len, DROP_INVALID_SMAC, METRIC_DIR_EGRESS, &fi, ifindex, TC_ACT_SHOT);
 	}
 
@@ -161,9 +165,7 @@ int from_container(struct __sk_buff *skb)
 
 	/* 2. Conntrack. */
 	ct = ct_lookup4(&p, CT_EGRESS, &ct_state);
-	remote_id = ipcache_identity(p.daddr, NULL);
 	pkt_flow_info(&p, &fi);
-	fi.dst_label = remote_id;
 
 	if (ct_state == CT_NEW && p.daddr == IPV4_LOOPBACK) {
 		/* Reply of a hairpinned connection: restore frontend and client, hand it back to the pod. */
@@ -193,6 +195,9 @@ int from_container(struct __sk_buff *skb)
 
 	/* 3. Egress policy for new connections; replies and established flows skip it. */
 	if (ct_state == CT_NEW || ct_state == CT_REOPENED) {
+		/* the remote identity is only needed for new connections (an LPM lookup) */
+		remote_id = ipcache_identity(p.daddr, NULL);
+		fi.dst_label = remote_id;
 		if ((ep_flags & EP_F_POLICY_EGRESS) && !hairpin) {
 			ret = policy_can_access(ep_id, remote_id, POLICY_EGRESS, &p);
 			policy_verdict(skb, &fi, ret, 1, ifindex);
@@ -215,7 +220,10 @@ int from_container(struct __sk_buff *skb)
 	update_metrics(skb->len, REASON_FORWARDED, METRIC_DIR_EGRESS);
 	trace(skb, TRACE_FROM_LXC, &fi, ct_state, ifindex);
 
-	/* 4. Forward: local endpoints directly, everything else through the stack. */
+	/* 4. Forward: local endpoints directly, everything else through the stack. Local endpoints
+	 * all live in this node's PodCIDR (hairpin replies aside), so other destinations skip the lookup. */
+	if ((p.daddr & POD_CIDR_MASK) != POD_CIDR_ADDR)
+		return TC_ACT_OK;
 	ek.ip = p.daddr;
 	dst_ep = map_lookup(endpoints, &ek);
 	if (dst_ep) {
@@ -270,8 +278,6 @@ int to_container(struct __sk_buff *skb)
 	}
 
 	ct = ct_lookup4(&p, CT_INGRESS, &ct_state);
-	src_id = ipcache_identity(p.saddr, NULL);
-	fi.src_label = src_id;
 
 	if (ct_state == CT_REPLY) {
 		if (ct && ct->rev_nat_index) {
@@ -280,6 +286,8 @@ int to_container(struct __sk_buff *skb)
 				return DROP(skb, skb->len, ret, METRIC_DIR_INGRESS, &fi, ifindex, TC_ACT_SHOT);
 		}
 	} else if (ct_state == CT_NEW || ct_state == CT_REOPENED) {
+		src_id = ipcache_identity(p.saddr, NULL);
+		fi.src_label = src_id;
 		if (ep_flags & EP_F_POLICY_INGRESS) {
 			ret = policy_can_access(ep_id, src_id, POLICY_INGRESS, &p);
 			policy_verdict(skb, &fi, ret, 0, ifindex);

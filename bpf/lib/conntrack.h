@@ -33,27 +33,31 @@ static __always_inline void *ct_map(__u8 proto)
 	return MAP(ct_any4_global);
 }
 
-/* Refresh lifetime, flags and counters of an entry for a packet in one direction. */
-static __always_inline void ct_refresh(struct ct_entry *e, const struct pkt4 *p, int reply)
+/* Refresh lifetime, flags and (with `count`) counters of an entry for a packet in one direction.
+ * Fields are only written when they change, to keep the entry's cache line clean on the hot path. */
+static __always_inline void ct_refresh_opt(struct ct_entry *e, const struct pkt4 *p, int reply, int count)
 {
-	__u32 now = mono_seconds();
+	__u32 now = p->now;
 	__u32 lifetime = CT_LIFETIME_NONTCP;
 
 	if (p->proto == IPPROTO_TCP) {
 		__u8 fl = p->tcp_flags;
 		__u16 f = e->flags;
 
-		if (reply)
-			e->rx_flags_seen |= fl;
-		else
+		if (reply) {
+			if ((e->rx_flags_seen | fl) != e->rx_flags_seen)
+				e->rx_flags_seen |= fl;
+		} else if ((e->tx_flags_seen | fl) != e->tx_flags_seen) {
 			e->tx_flags_seen |= fl;
+		}
 		if (fl & TCP_FLAG_RST)
 			f |= CT_F_RX_CLOSING | CT_F_TX_CLOSING;
 		else if (fl & TCP_FLAG_FIN)
 			f |= reply ? CT_F_RX_CLOSING : CT_F_TX_CLOSING;
 		if (!(fl & TCP_FLAG_SYN) || (fl & TCP_FLAG_ACK))
 			f |= CT_F_SEEN_NON_SYN;
-		e->flags = f;
+		if (f != e->flags)
+			e->flags = f;
 		if ((f & (CT_F_RX_CLOSING | CT_F_TX_CLOSING)) == (CT_F_RX_CLOSING | CT_F_TX_CLOSING))
 			lifetime = CT_LIFETIME_TCP_FIN;
 		else if (!(f & CT_F_SEEN_NON_SYN))
@@ -61,14 +65,22 @@ static __always_inline void ct_refresh(struct ct_entry *e, const struct pkt4 *p,
 		else
 			lifetime = CT_LIFETIME_TCP;
 	}
-	e->lifetime = now + lifetime;
-	if (reply)
-		e->last_rx_report = now;
-	else
+	if (e->lifetime != now + lifetime)
+		e->lifetime = now + lifetime;
+	if (!count)
+		return;
+	if (reply) {
+		if (e->last_rx_report != now)
+			e->last_rx_report = now;
+	} else if (e->last_tx_report != now) {
 		e->last_tx_report = now;
-	__sync_fetch_and_add(&e->packets, 1);
-	__sync_fetch_and_add(&e->bytes, p->len);
+	}
+	/* statistics: plain increments (a lost update when two CPUs race is acceptable) */
+	e->packets += 1;
+	e->bytes += p->len;
 }
+
+#define ct_refresh(e, p, reply) ct_refresh_opt((e), (p), (reply), 1)
 
 /* Look up the connection of `p` from the point of view of an endpoint's egress or ingress.
  * Returns the entry (or NULL for a new connection) and the state in *state. */
@@ -91,7 +103,7 @@ static __always_inline struct ct_entry *ct_lookup4(const struct pkt4 *p, int dir
 		 * service state (a reused source port must not inherit the old flow's reverse NAT). */
 		if ((p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN &&
 		     (e->flags & (CT_F_RX_CLOSING | CT_F_TX_CLOSING))) ||
-		    (__s32)(e->lifetime - mono_seconds()) < 0) {
+		    (__s32)(e->lifetime - p->now) < 0) {
 			e->flags = 0;
 			e->rev_nat_index = 0;
 			e->backend_id = 0;

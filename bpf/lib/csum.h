@@ -20,8 +20,103 @@ static __always_inline int l4_csum_off(const struct pkt4 *p, __u32 *off, __u64 *
 	return 0;
 }
 
-/* Rewrite the source (is_src) or destination address and, for TCP/UDP, port. */
-static __always_inline int rewrite_addr_port(struct __sk_buff *skb, struct pkt4 *p, int is_src, __be32 new_addr,
+/* One's-complement incremental checksum updates (RFC 1624: HC' = ~(~HC + ~m + m')). The sums work
+ * on the raw 16-bit words, so byte order does not matter as long as it is the packet's. */
+static __always_inline __u16 csum_fold16(__u32 s)
+{
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return (__u16)s;
+}
+
+static __always_inline __u16 csum_update32(__u16 check, __u32 from, __u32 to)
+{
+	__u32 s = (__u16)~check;
+
+	s += (~from & 0xffff) + (~from >> 16);
+	s += (to & 0xffff) + (to >> 16);
+	return (__u16)~csum_fold16(s);
+}
+
+static __always_inline __u16 csum_update16(__u16 check, __u16 from, __u16 to)
+{
+	__u32 s = (__u16)~check;
+
+	s += (__u16)~from;
+	s += to;
+	return (__u16)~csum_fold16(s);
+}
+
+/* Fast path: write headers directly and fix checksums arithmetically. -1 when the headers are not
+ * in the linear part of the packet (the caller then uses the helper path). */
+static __always_inline int rewrite_direct(struct __sk_buff *skb, struct pkt4 *p, int is_src, __be32 new_addr,
+					  __be16 new_port)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *ip4 = data + ETH_HLEN;
+	__u32 off = p->l4_off;
+	__be32 old_addr;
+	__be16 old_port;
+
+	if ((void *)(ip4 + 1) > data_end || off > ETH_HLEN + 60)
+		return -1;
+	old_addr = is_src ? ip4->saddr : ip4->daddr;
+	if (!p->is_fragment && p->proto == IPPROTO_TCP) {
+		struct tcphdr *th = data + off;
+		__u16 c;
+		if ((void *)(th + 1) > data_end)
+			return -1;
+		c = th->check;
+		old_port = is_src ? th->source : th->dest;
+		c = csum_update32(c, old_addr, new_addr);
+		if (new_port && new_port != old_port) {
+			c = csum_update16(c, old_port, new_port);
+			if (is_src)
+				th->source = new_port;
+			else
+				th->dest = new_port;
+		}
+		th->check = c;
+	} else if (!p->is_fragment && p->proto == IPPROTO_UDP) {
+		struct udphdr *uh = data + off;
+		__u16 c;
+		if ((void *)(uh + 1) > data_end)
+			return -1;
+		c = uh->check;
+		old_port = is_src ? uh->source : uh->dest;
+		if (c) { /* zero: no checksum, keep it so */
+			c = csum_update32(c, old_addr, new_addr);
+			if (new_port && new_port != old_port)
+				c = csum_update16(c, old_port, new_port);
+			uh->check = c ? c : 0xffff;
+		}
+		if (new_port && new_port != old_port) {
+			if (is_src)
+				uh->source = new_port;
+			else
+				uh->dest = new_port;
+		}
+	}
+	ip4->check = csum_update32(ip4->check, old_addr, new_addr);
+	if (is_src)
+		ip4->saddr = new_addr;
+	else
+		ip4->daddr = new_addr;
+	if (is_src) {
+		p->saddr = new_addr;
+		if (new_port && has_ports(p->proto) && !p->is_fragment)
+			p->sport = new_port;
+	} else {
+		p->daddr = new_addr;
+		if (new_port && has_ports(p->proto) && !p->is_fragment)
+			p->dport = new_port;
+	}
+	return 0;
+}
+
+/* Helper-based rewrite (any skb layout). */
+static __always_inline int rewrite_addr_port_helpers(struct __sk_buff *skb, struct pkt4 *p, int is_src, __be32 new_addr,
 					     __be16 new_port)
 {
 	__be32 old_addr = is_src ? p->saddr : p->daddr;
@@ -56,6 +151,15 @@ static __always_inline int rewrite_addr_port(struct __sk_buff *skb, struct pkt4 
 			p->dport = new_port;
 	}
 	return 0;
+}
+
+/* Rewrite the source (is_src) or destination address and, for TCP/UDP, port. */
+static __always_inline int rewrite_addr_port(struct __sk_buff *skb, struct pkt4 *p, int is_src, __be32 new_addr,
+					     __be16 new_port)
+{
+	if (rewrite_direct(skb, p, is_src, new_addr, new_port) == 0)
+		return 0;
+	return rewrite_addr_port_helpers(skb, p, is_src, new_addr, new_port);
 }
 
 static __always_inline int mac_equal(const __u8 *a, const __u8 *b)

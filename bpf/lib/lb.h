@@ -15,10 +15,6 @@ static __always_inline struct lb4_service *lb4_lookup_service(__be32 addr, __be1
 	k.dport = port;
 	k.proto = proto;
 	svc = map_lookup(lb4_services, &k);
-	if (!svc) {
-		k.proto = 0; /* frontends for any protocol */
-		svc = map_lookup(lb4_services, &k);
-	}
 	return svc;
 }
 
@@ -39,10 +35,6 @@ static __always_inline __u32 lb4_slot_backend(__be32 addr, __be16 port, __u8 pro
 	k.proto = proto;
 	k.backend_slot = slot;
 	s = map_lookup(lb4_services, &k);
-	if (!s) {
-		k.proto = 0;
-		s = map_lookup(lb4_services, &k);
-	}
 	return s ? s->backend_id : 0;
 }
 
@@ -80,7 +72,7 @@ static __always_inline int lb4_local(const struct pkt4 *p, __be32 fe_addr, const
 	struct ct_entry *e;
 	struct lb4_backend_key bk = {};
 	__u32 backend_id = 0;
-	__u32 now = mono_seconds();
+	__u32 now = p->now;
 
 	res->rev_nat_index = svc->rev_nat_index;
 	k.saddr = p->saddr;
@@ -95,7 +87,7 @@ static __always_inline int lb4_local(const struct pkt4 *p, __be32 fe_addr, const
 		bk.backend_id = e->backend_id;
 		res->backend = map_lookup(lb4_backends, &bk);
 		if (res->backend && (!is_syn || res->backend->flags == BE_STATE_ACTIVE)) {
-			ct_refresh(e, p, 0);
+			ct_refresh_opt(e, p, 0, 0); /* the egress entry counts the packets */
 			res->backend_id = e->backend_id;
 			return 0;
 		}

@@ -53,7 +53,7 @@ struct lb4_key {
 	__be32 address;     /* service VIP / node IP / external IP */
 	__be16 dport;       /* service port */
 	__u16 backend_slot; /* 0: the service entry, 1..count: backend slots */
-	__u8 proto;         /* IPPROTO_TCP / IPPROTO_UDP / 0 = any */
+	__u8 proto;         /* IPPROTO_TCP / IPPROTO_UDP */
 	__u8 scope;         /* LB_SCOPE_* */
 	__u8 pad[2];
 };

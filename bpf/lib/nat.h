@@ -35,7 +35,7 @@ static __always_inline int snat_v4_mapping(const struct pkt4 *p, __be32 nat_addr
 	struct nat4_entry *ent, oval = {}, ival = {};
 	__u32 range = SNAT_PORT_MAX - SNAT_PORT_MIN + 1;
 	__u16 cand = bpf_ntohs(p->sport);
-	__u64 now = mono_seconds();
+	__u64 now = p->now;
 	int i, found = 0;
 
 	nat_out_key(p, &out);

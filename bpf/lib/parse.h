@@ -25,6 +25,7 @@ struct pkt4 {
 	__u8 is_fragment; /* a non-first fragment: no L4 header */
 	__u32 l4_off;     /* offset of the L4 header from the start of the frame */
 	__u32 len;
+	__u32 now;        /* monotonic seconds, read once per packet */
 };
 
 /* 0 on success, else a DROP_* reason. Non-IPv4 frames return -1. */
@@ -51,6 +52,7 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt4 *p)
 	p->proto = ip4->protocol;
 	p->l4_off = ETH_HLEN + ihl;
 	p->len = skb->len;
+	p->now = mono_seconds();
 	p->sport = 0;
 	p->dport = 0;
 	p->tcp_flags = 0;

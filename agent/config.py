@@ -83,6 +83,9 @@ class AgentConfig(BaseModel):
     # Paths and ports.
     bpf_root: str = Field(default=DEFAULT_BPF_ROOT, alias="bpf-root")
     state_dir: str = Field(default=DEFAULT_STATE_DIR, alias="state-dir")
+    # Where the node's /proc/sys is writable (a non-privileged container sees a read-only
+    # /proc/sys; the chart mounts the host's /proc/sys/net at /host/proc/sys/net).
+    proc_sys_root: str = Field(default="/proc/sys", alias="proc-sys-root")
     socket_path: str = Field(default=f"{DEFAULT_STATE_DIR}/pycilium.sock", alias="socket-path")
     cni_socket_path: str = Field(default=f"{DEFAULT_STATE_DIR}/cni.sock", alias="cni-socket-path")
     cni_conf_dir: str = Field(default="/etc/cni/net.d", alias="cni-conf-dir")

@@ -248,6 +248,9 @@ class Agent:
                 loader.attach_xdp(dev, self.xdp.fd("xdp_prefilter", loader.XDP))
             except loader.DatapathError as e:
                 log.warning("XDP prefilter not attached", extra={"device": dev, "error": str(e)})
+        from pycilium.agent.endpoint.netlink import set_sysctl_root  # noqa: PLC0415
+
+        set_sysctl_root(cfg.proc_sys_root)
         self._sysctl("net/ipv4/ip_forward", "1")
         for dev in ("all", *self.devices):
             self._sysctl(f"net/ipv4/conf/{dev}/rp_filter", "0")
@@ -257,9 +260,10 @@ class Agent:
 
     @staticmethod
     def _sysctl(path: str, value: str) -> None:
+        from pycilium.agent.endpoint.netlink import write_sysctl  # noqa: PLC0415
+
         try:
-            with open(f"/proc/sys/{path}", "w") as f:
-                f.write(value)
+            write_sysctl(path, value)
         except OSError as e:
             log.warning("cannot set sysctl", extra={"sysctl": path, "error": str(e)})
 

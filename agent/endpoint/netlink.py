@@ -77,14 +77,23 @@ def run_in_netns(path: str, fn: Callable[[], T]) -> T:
     return box["result"]  # type: ignore[no-any-return]
 
 
+SYSCTL_ROOT = "/proc/sys"
+
+
+def set_sysctl_root(root: str) -> None:
+    """Where the node's sysctls are writable (agent setting proc-sys-root); host-side writes only."""
+    global SYSCTL_ROOT
+    SYSCTL_ROOT = root.rstrip("/") or "/proc/sys"
+
+
 def write_sysctl(path: str, value: str) -> None:
-    """Write /proc/sys/<path> (resolved in the calling thread's netns)."""
-    with open(f"/proc/sys/{path}", "w") as f:
+    """Write <proc-sys-root>/<path> (the node's sysctls)."""
+    with open(f"{SYSCTL_ROOT}/{path}", "w") as f:
         f.write(value)
 
 
 def read_sysctl(path: str) -> str:
-    with open(f"/proc/sys/{path}") as f:
+    with open(f"{SYSCTL_ROOT}/{path}") as f:
         return f.read().strip()
 
 

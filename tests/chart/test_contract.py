@@ -315,6 +315,12 @@ def test_agent_mounts_match_config_paths(rendered: tuple[list[Obj], dict[str, An
         vol = volumes(objects)[m["name"]]
         assert vol.get("hostPath", {}).get("path") != values["cni"]["binPath"]
 
+    # Node sysctls (ip_forward, rp_filter of the veths): written under proc-sys-root, a writable mount
+    # of the host's /proc/sys/net (the container's own /proc/sys is read-only).
+    net_sysctls = f"{cfg.proc_sys_root}/net"
+    assert host_path_of(objects, agent, net_sysctls) == "/proc/sys/net"
+    assert not covering_mount(agent, net_sysctls).get("readOnly")  # type: ignore[union-attr]
+
     # cgroup2 root for socket load-balancing.
     cg = covering_mount(agent, values["cgroup"]["hostRoot"])
     assert cg is not None and cg["mountPath"] == values["cgroup"]["hostRoot"]

@@ -248,7 +248,7 @@ class Agent:
                 loader.attach_xdp(dev, self.xdp.fd("xdp_prefilter", loader.XDP))
             except loader.DatapathError as e:
                 log.warning("XDP prefilter not attached", extra={"device": dev, "error": str(e)})
-        from pycilium.agent.endpoint.netlink import set_sysctl_root  # noqa: PLC0415
+        from pycilium.agent.endpoint.netlink import set_sysctl_root
 
         set_sysctl_root(cfg.proc_sys_root)
         self._sysctl("net/ipv4/ip_forward", "1")
@@ -260,7 +260,7 @@ class Agent:
 
     @staticmethod
     def _sysctl(path: str, value: str) -> None:
-        from pycilium.agent.endpoint.netlink import write_sysctl  # noqa: PLC0415
+        from pycilium.agent.endpoint.netlink import write_sysctl
 
         try:
             write_sysctl(path, value)

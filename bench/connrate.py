@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 import sys
 import time
+
+# Close with RST (SO_LINGER 0): no TIME_WAIT on either side, so later runs reusing client ports
+# through a NAT never collide with a backend's TIME_WAIT socket of an earlier run.
+_LINGER0 = struct.pack("ii", 1, 0)
 
 
 def run(host: str, port: int, seconds: float) -> dict[str, float]:
@@ -17,6 +22,7 @@ def run(host: str, port: int, seconds: float) -> dict[str, float]:
     t0 = time.monotonic()
     while time.monotonic() < end:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
         s.settimeout(2)
         try:
             s.connect((host, port))

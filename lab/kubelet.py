@@ -11,16 +11,19 @@ For every Pod with spec.nodeName == NODE (watched with a field selector):
 3. start `pycilium.lab.podserver` in the namespace with every declared containerPort (TCP, UDP);
 4. once it listens, patch pods/status (phase Running, podIP(s), hostIP(s), conditions Ready ...).
 
-A Pod that goes away (or gets a deletionTimestamp: graceful deletion) is stopped: the server is
-killed, CNI DEL runs (plugins in reverse order, with the ADD result as prevResult), the namespace
-is deleted; a graceful deletion is then completed with gracePeriodSeconds=0.
+A Pod that goes away is stopped: the server is killed, CNI DEL runs (plugins in reverse order, with
+the ADD result as prevResult), the namespace is deleted. A graceful deletion (the Pod gets a
+deletionTimestamp) first lets the pod drain like an application that finishes its work after
+SIGTERM: it keeps serving for `--drain-seconds` (default 1, at most the pod's
+terminationGracePeriodSeconds) while its endpoints are `terminating`, then it is stopped and the
+deletion is completed with gracePeriodSeconds=0.
 
 What runs is recorded in `<state-dir>/kubelet.json`, so a restarted kubelet adopts its pods (and
 restarts a dead pod server) instead of recreating them, and `lab down` can find every namespace
 and process even when the kubelet is gone. SIGTERM stops the kubelet and leaves the pods running.
 
     python -m pycilium.lab.kubelet --node NODE --kubeconfig KC --node-ip IP --cni-conf-dir DIR
-        --cni-bin-dir DIR --state-dir DIR --netns-prefix PREFIX
+        --cni-bin-dir DIR --state-dir DIR --netns-prefix PREFIX [--drain-seconds S]
 """
 
 from __future__ import annotations
@@ -184,20 +187,26 @@ def server_command(name: str, ports: list[ContainerPort]) -> list[str]:
     return cmd
 
 
+def listening_ports(proc_net: str, state: str) -> set[int]:
+    """Local ports of the sockets in `state` ("0A": TCP LISTEN, "07": UDP unconnected) of a
+    /proc/net/{tcp,udp} table."""
+    ports: set[int] = set()
+    for line in proc_net.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) > 3 and parts[3] == state:
+            ports.add(int(parts[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
 def listening(pid: int) -> tuple[set[int], set[int]]:
     """TCP and UDP ports a process's network namespace listens on (from /proc/PID/net)."""
     out: list[set[int]] = []
     for table, state in (("tcp", "0A"), ("udp", "07")):
-        ports: set[int] = set()
         try:
-            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+            text = Path(f"/proc/{pid}/net/{table}").read_text()
         except OSError:
-            lines = []
-        for line in lines:
-            parts = line.split()
-            if len(parts) > 3 and parts[3] == state:
-                ports.add(int(parts[1].rsplit(":", 1)[1], 16))
-        out.append(ports)
+            text = ""
+        out.append(listening_ports(text, state))
     return out[0], out[1]
 
 
@@ -286,6 +295,7 @@ class Kubelet:
         state_dir: str,
         netns_prefix: str,
         workers: int = 4,
+        drain_seconds: float = 1.0,
     ) -> None:
         self.kube = kube
         self.node = node
@@ -294,6 +304,8 @@ class Kubelet:
         self.bin_dir = bin_dir
         self.state_dir = Path(state_dir)
         self.netns_prefix = netns_prefix
+        self.drain_seconds = drain_seconds
+        self._terminating: dict[str, float] = {}
         self.state_file = self.state_dir / "kubelet.json"
         self.log_dir = self.state_dir / "pods"
         self.runtimes = load_runtimes(self.state_file)
@@ -416,7 +428,16 @@ class Kubelet:
         pod = self._pod_by_uid(uid)
         rt = self.runtimes.get(uid)
         meta = (pod or {}).get("metadata") or {}
+        if pod is not None and meta.get("deletionTimestamp") and rt is not None:
+            grace = (pod.get("spec") or {}).get("terminationGracePeriodSeconds")
+            drain = self.drain_seconds if grace is None else min(self.drain_seconds, float(grace))
+            first = self._terminating.setdefault(uid, time.monotonic())
+            left = first + drain - time.monotonic()
+            if left > 0:
+                self.enqueue(uid, left)
+                return
         if pod is None or meta.get("deletionTimestamp"):
+            self._terminating.pop(uid, None)
             if rt is not None:
                 self.teardown(rt)
             if pod is not None:
@@ -614,6 +635,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cni-bin-dir", required=True)
     ap.add_argument("--state-dir", required=True)
     ap.add_argument("--netns-prefix", required=True)
+    ap.add_argument("--drain-seconds", type=float, default=1.0, help="how long a deleted pod keeps serving")
     ap.add_argument("-v", "--verbose", action="store_true")
     a = ap.parse_args(argv)
     logging.basicConfig(
@@ -625,7 +647,16 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     kube = Kube(a.kubeconfig, user_agent=f"pycilium-lab-kubelet/{a.node}")
-    kubelet = Kubelet(kube, a.node, a.node_ip, a.cni_conf_dir, a.cni_bin_dir, a.state_dir, a.netns_prefix)
+    kubelet = Kubelet(
+        kube,
+        a.node,
+        a.node_ip,
+        a.cni_conf_dir,
+        a.cni_bin_dir,
+        a.state_dir,
+        a.netns_prefix,
+        drain_seconds=a.drain_seconds,
+    )
     threading.Thread(target=kubelet.start, daemon=True).start()
     done.wait()
     kubelet.stop()

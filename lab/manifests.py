@@ -218,9 +218,10 @@ def updated(existing: Obj, desired: Obj) -> tuple[Obj, list[str]]:
             else:
                 meta.pop(key, None)
         dspec, espec = desired.get("spec") or {}, existing.get("spec") or {}
-        if [c.get("ports") for c in dspec.get("containers") or []] != [
-            c.get("ports") for c in espec.get("containers") or []
-        ] or (dspec.get("nodeName") and dspec.get("nodeName") != espec.get("nodeName")):
+        same_ports = sorted(map(repr, container_ports(desired))) == sorted(
+            map(repr, container_ports(existing))
+        )
+        if not same_ports or (dspec.get("nodeName") and dspec.get("nodeName") != espec.get("nodeName")):
             warnings.append(
                 f"{describe(desired)}: the spec of an existing pod is kept (delete it to change it)"
             )
@@ -256,6 +257,18 @@ def updated(existing: Obj, desired: Obj) -> tuple[Obj, list[str]]:
     return body, warnings
 
 
+def _content(obj: Obj) -> Obj:
+    """What a user changes: everything but status and the server's bookkeeping."""
+    out = {k: v for k, v in obj.items() if k != "status"}
+    meta = {
+        k: v
+        for k, v in (obj.get("metadata") or {}).items()
+        if k not in ("resourceVersion", "generation", "managedFields")
+    }
+    out["metadata"] = meta
+    return out
+
+
 @dataclass
 class Outcome:
     obj: Obj
@@ -282,9 +295,9 @@ def apply(kube: Kube, objs: Iterable[Obj]) -> list[Outcome]:
             continue
         new, warnings = updated(existing, body)
         result = kube.replace(res, new, ns)
-        rv_before = (existing.get("metadata") or {}).get("resourceVersion")
-        rv_after = (result.get("metadata") or {}).get("resourceVersion")
-        out.append(Outcome(result, "unchanged" if rv_before == rv_after else "configured", warnings))
+        out.append(
+            Outcome(result, "configured" if _content(existing) != _content(result) else "unchanged", warnings)
+        )
     return out
 
 

@@ -241,6 +241,11 @@ class Invocation:
         s = self.config.get("agent-socket")
         return s if isinstance(s, str) and s else DEFAULT_SOCKET
 
+    def _call_agent(self, sock: str, req: dict[str, Any]) -> tuple[int, Any]:
+        """The transport: one request over the agent's socket. (The agent overrides this when it runs
+        an invocation forwarded by the native launcher, see cni-plugin/shim/.)"""
+        return p.call_agent(sock, "POST", f"/v1/cni/{p.VERBS[self.command]}", req)
+
     def _dispatch(self, req: dict[str, Any]) -> str:
         cmd = self.command
         sock = self._socket()
@@ -249,7 +254,7 @@ class Invocation:
         if pod[1]:
             fields["pod"] = f"{pod[0]}/{pod[1]}"
         try:
-            status, body = p.call_agent(sock, "POST", f"/v1/cni/{p.VERBS[cmd]}", req)
+            status, body = self._call_agent(sock, req)
         except p.AgentUnreachable as e:
             if cmd == "DEL":
                 path = self._queue_delete(req)

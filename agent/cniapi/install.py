@@ -21,6 +21,8 @@ import json
 import logging
 import os
 import py_compile
+import shutil
+import subprocess
 import sys
 import tempfile
 import zipfile
@@ -143,12 +145,29 @@ def build_launcher(interpreter: str | None = None) -> bytes:
     return preamble + buf.getvalue()
 
 
-def install_cni_binary(config: Any, *, interpreter: str | None = None) -> Path:
-    """Install ``<cni_bin_dir>/pycilium-cni`` atomically; returns its path."""
-    bin_dir = Path(config.cni_bin_dir)
-    bin_dir.mkdir(parents=True, exist_ok=True)
-    path = bin_dir / BINARY_NAME
-    data = build_launcher(interpreter)
+SHIM_SOURCE = Path(p.__file__).resolve().parent / "shim" / "pycilium-cni.c"
+PYTHON_PLUGIN_NAME = f"{BINARY_NAME}-py"
+
+
+def build_native_launcher(fallback: str, cc: str | None = None) -> bytes | None:
+    """Compile cni-plugin/shim/pycilium-cni.c (static) with `fallback` as the Python plugin it execs
+    when the agent cannot take the invocation; None when no C compiler works here."""
+    compiler = cc or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None or not SHIM_SOURCE.exists() or '"' in fallback:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, BINARY_NAME)
+        for static in (["-static"], []):
+            r = subprocess.run([compiler, "-O2", *static, f'-DFALLBACK="{fallback}"', "-o", out, str(SHIM_SOURCE)],
+                               capture_output=True, text=True)  # fmt: skip
+            if r.returncode == 0:
+                return Path(out).read_bytes()
+        log.warning("cannot compile the native CNI launcher; installing the Python plugin only",
+                    extra={"error": r.stderr.strip()[-500:]})  # fmt: skip
+    return None
+
+
+def _install_file(path: Path, data: bytes) -> None:
     try:
         same = path.read_bytes() == data
     except OSError:
@@ -156,4 +175,22 @@ def install_cni_binary(config: Any, *, interpreter: str | None = None) -> Path:
     if not same:
         p.atomic_write(path, data, 0o755)
         log.info("CNI plugin installed", extra={"path": str(path)})
+
+
+def install_cni_binary(config: Any, *, interpreter: str | None = None, native: bool = True) -> Path:
+    """Install ``<cni_bin_dir>/pycilium-cni`` atomically; returns its path.
+
+    The Python plugin (stdlib only) always goes to ``pycilium-cni-py``. Where a C compiler is
+    available, ``pycilium-cni`` is the native launcher (starts in ~1 ms; the agent runs the
+    plugin logic and the launcher falls back to ``pycilium-cni-py`` when the agent cannot), else
+    ``pycilium-cni`` is the Python plugin itself.
+    """
+    bin_dir = Path(config.cni_bin_dir)
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    path = bin_dir / BINARY_NAME
+    py_plugin = build_launcher(interpreter)
+    py_path = bin_dir / PYTHON_PLUGIN_NAME
+    _install_file(py_path, py_plugin)
+    native_bin = build_native_launcher(str(py_path)) if native else None
+    _install_file(path, native_bin if native_bin is not None else py_plugin)
     return path

@@ -230,6 +230,20 @@ class CNIServer:
                              "; ".join(report.errors))  # fmt: skip
         return {"removed": [e.owner for e in report.removed_endpoints], "released": report.released_ips}
 
+    def exec_invocation(self, env: dict[str, str], stdin: bytes) -> tuple[int, str]:
+        """Run a whole plugin invocation forwarded raw by the native launcher (cni-plugin/shim/):
+        the plugin's own validation and error mapping (pycilium.cni.main.Invocation), with the
+        request handled here instead of over the socket. Returns (exit code, stdout text)."""
+        from pycilium.cni.main import Invocation
+
+        server = self
+
+        class InAgent(Invocation):
+            def _call_agent(self, sock: str, req: dict[str, Any]) -> tuple[int, Any]:
+                return server.handle(p.VERBS[self.command], req)
+
+        return InAgent({k: v for k, v in env.items() if k.startswith("CNI_")}, stdin).run()
+
     def debug_get(self, path: str) -> tuple[int, Any]:
         if path == "/v1/cni/endpoints":
             return 200, [e.to_dict() for e in self.manager.list_endpoints()]
@@ -276,7 +290,32 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._send(*self.server.cni.debug_get(self.path))
 
+    def _exec(self) -> None:
+        """/v1/cni/exec: exit code in X-CNI-Exit, the plugin's stdout as the body."""
+        try:
+            n = int(self.headers.get("Content-Length") or 0)
+            req = json.loads(self.rfile.read(n)) if n else {}
+            env, stdin = req["env"], req["stdin"]
+            if not isinstance(env, dict) or not isinstance(stdin, str):
+                raise ValueError("env must be an object and stdin a string")
+        except (ValueError, KeyError, TypeError) as e:
+            self._send(400, {"error": f"cannot decode the request: {e}"})
+            return
+        code, out = self.server.cni.exec_invocation({str(k): str(v) for k, v in env.items()}, stdin.encode())
+        raw = (out + "\n").encode() if out else b""
+        self.send_response(200)
+        self.send_header("X-CNI-Exit", str(code))
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(raw)
+        self.close_connection = True
+
     def do_POST(self) -> None:
+        if self.path == "/v1/cni/exec":
+            self._exec()
+            return
         prefix = "/v1/cni/"
         verb = self.path[len(prefix) :] if self.path.startswith(prefix) else ""
         if verb not in self._VERBS:

@@ -27,11 +27,12 @@ FORBIDDEN = ("grpc", "pydantic", "pyroute2", "kubernetes", "pycilium.agent", "py
 
 
 class Plugin:
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, native: bool):
         self.tmp = tmp
+        self.native = native
         self.config = AgentConfig(state_dir=str(tmp / "state"), cni_socket_path=str(tmp / "run" / "cni.sock"),
                                   cni_bin_dir=str(tmp / "bin"), cni_log_file=str(tmp / "cni.log"))  # fmt: skip
-        self.binary = str(install_cni_binary(self.config))
+        self.binary = str(install_cni_binary(self.config, native=native))
         net = conflist(self.config)
         self.netconf: dict[str, Any] = dict(net["plugins"][0], cniVersion=net["cniVersion"], name=net["name"])
         self.netns = tmp / "netns"
@@ -55,9 +56,11 @@ class Plugin:
         return e
 
 
-@pytest.fixture
-def plugin(tmp_path: Path) -> Iterator[Plugin]:
-    yield Plugin(tmp_path)
+@pytest.fixture(params=[True, False], ids=["native-launcher", "python-plugin"])
+def plugin(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Plugin]:
+    """Every test runs against the native launcher (agent runs the plugin logic, Python fallback) and
+    against the Python plugin alone: both must behave identically for the runtime."""
+    yield Plugin(tmp_path, native=request.param)
 
 
 def _err(rc: int, out: Any, code: int) -> dict[str, Any]:
@@ -151,7 +154,9 @@ def test_agent_dying_mid_request_is_unreachable_not_an_io_error(plugin: Plugin) 
     srv.listen(8)
 
     def serve() -> None:
-        for _ in range(2):
+        # ADD and DEL; with the native launcher, DEL is retried once by the Python plugin
+        srv.settimeout(10)
+        for _ in range(3 if plugin.native else 2):
             conn, _ = srv.accept()
             conn.recv(65536)
             conn.close()  # no answer
@@ -171,8 +176,10 @@ def test_agent_dying_mid_request_is_unreachable_not_an_io_error(plugin: Plugin) 
 def test_runs_with_an_empty_environment_and_without_the_venv(plugin: Plugin) -> None:
     rc, out, _ = plugin.run({"CNI_COMMAND": "VERSION"})
     assert rc == 0 and out["supportedVersions"]
-    head = Path(plugin.binary).read_bytes()[:2000].decode(errors="replace")
-    assert head.startswith("#!/bin/sh\n") and os.access(plugin.binary, os.X_OK)
+    py_plugin = Path(plugin.binary).with_name("pycilium-cni-py")
+    head = py_plugin.read_bytes()[:2000].decode(errors="replace")
+    assert head.startswith("#!/bin/sh\n") and os.access(py_plugin, os.X_OK)
+    assert Path(plugin.binary).read_bytes()[:4] == (b"\x7fELF" if plugin.native else b"#!/b")
 
 
 def test_plugin_import_path_is_stdlib_only(plugin: Plugin) -> None:

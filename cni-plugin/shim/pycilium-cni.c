@@ -18,9 +18,23 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#ifndef FALLBACK
-#define FALLBACK "/opt/cni/bin/pycilium-cni-py"
+/* The Python plugin to fall back to: FALLBACK if compiled in, else pycilium-cni-py next to this
+ * executable (so one binary works in any CNI bin dir). */
+static const char *fallback_path(void)
+{
+#ifdef FALLBACK
+	return FALLBACK;
+#else
+	static char path[4096];
+	ssize_t n = readlink("/proc/self/exe", path, sizeof(path) - 32);
+	if (n <= 0)
+		return "/opt/cni/bin/pycilium-cni-py";
+	path[n] = 0;
+	char *slash = strrchr(path, '/');
+	strcpy(slash ? slash + 1 : path, "pycilium-cni-py");
+	return path;
 #endif
+}
 #define DEFAULT_SOCKET "/var/run/pycilium/cni.sock"
 #define MAX_IN (4 << 20)
 
@@ -77,9 +91,10 @@ static void fallback(char **argv, const char *in, size_t n)
 		dup2(fd, 0);
 		close(fd);
 	}
-	argv[0] = (char *)FALLBACK;
-	execv(FALLBACK, argv);
-	printf("{\"cniVersion\":\"1.1.0\",\"code\":5,\"msg\":\"pycilium-cni: cannot run %s: %s\"}\n", FALLBACK,
+	const char *fb = fallback_path();
+	argv[0] = (char *)fb;
+	execv(fb, argv);
+	printf("{\"cniVersion\":\"1.1.0\",\"code\":5,\"msg\":\"pycilium-cni: cannot run %s: %s\"}\n", fb,
 	       strerror(errno));
 	exit(1);
 }

@@ -165,15 +165,8 @@ int from_netdev(struct __sk_buff *skb)
 		int local_scope = svc->flags & SVC_FLAG_EXT_LOCAL_SCOPE;
 
 		ret = lb4_local(&p, fe_addr, svc, 1, &lb);
-		if (ret == DROP_NO_SERVICE) {
-#ifndef SERVICE_NO_BACKEND_DROP
-			update_metrics(skb->len, DROP_NO_SERVICE, METRIC_DIR_SERVICE);
-			emit_event(skb, EVENT_DROP, DROP_NO_SERVICE, &fi, skb->len, ifindex, 0, 0, __LINE__);
-			if (icmp_build_port_unreachable(skb, &p) == 0)
-				return bpf_redirect(ifindex, 0);
-			return TC_ACT_SHOT;
-#endif
-		}
+		if (ret == DROP_NO_SERVICE)
+			return lb4_reject_no_backend(skb, &p, &fi, ifindex, 0);
 		if (ret)
 			return DROP(skb, skb->len, ret, METRIC_DIR_SERVICE, &fi, ifindex, TC_ACT_SHOT);
 		baddr = lb.backend->address;

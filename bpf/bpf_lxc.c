@@ -137,15 +137,8 @@ int from_container(struct __sk_buff *skb)
 			__be16 bport;
 
 			ret = lb4_local(&p, fe_addr, svc, 0, &lb);
-			if (ret == DROP_NO_SERVICE) {
-#ifndef SERVICE_NO_BACKEND_DROP
-				update_metrics(skb->len, DROP_NO_SERVICE, METRIC_DIR_SERVICE);
-				emit_event(skb, EVENT_DROP, DROP_NO_SERVICE, &fi, skb->len, ifindex, 0, 1, __LINE__);
-				if (icmp_build_port_unreachable(skb, &p) == 0)
-					return bpf_redirect(ifindex, 0);
-				return TC_ACT_SHOT;
-#endif
-			}
+			if (ret == DROP_NO_SERVICE)
+				return lb4_reject_no_backend(skb, &p, &fi, ifindex, 1);
 			if (ret)
 				return DROP(skb, skb->len, ret, METRIC_DIR_SERVICE, &fi, ifindex, TC_ACT_SHOT);
 			rev_nat = lb.rev_nat_index;

@@ -277,9 +277,14 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("cni api: " + format, *args)
 
-    def _send(self, status: int, body: Any) -> None:
-        raw = json.dumps(body, separators=(",", ":")).encode()
+    def _send(
+        self, status: int, body: Any, *, raw: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> None:
+        if raw is None:
+            raw = json.dumps(body, separators=(",", ":")).encode()
         self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(raw)))
         self.send_header("Connection", "close")
@@ -302,15 +307,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(400, {"error": f"cannot decode the request: {e}"})
             return
         code, out = self.server.cni.exec_invocation({str(k): str(v) for k, v in env.items()}, stdin.encode())
-        raw = (out + "\n").encode() if out else b""
-        self.send_response(200)
-        self.send_header("X-CNI-Exit", str(code))
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(raw)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(raw)
-        self.close_connection = True
+        self._send(200, None, raw=(out + "\n").encode() if out else b"", headers={"X-CNI-Exit": str(code)})
 
     def do_POST(self) -> None:
         if self.path == "/v1/cni/exec":

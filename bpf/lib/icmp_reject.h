@@ -5,6 +5,7 @@
 #define PYCILIUM_ICMP_REJECT_H
 
 #include "parse.h"
+#include "events.h"
 
 #define ICMP_REJECT_QUOTE 28 /* original IPv4 header (no options) + 8 bytes of L4 */
 #define ICMP_REJECT_LEN (ETH_HLEN + sizeof(struct iphdr) + sizeof(struct icmphdr) + ICMP_REJECT_QUOTE)
@@ -62,6 +63,21 @@ static __always_inline int icmp_build_port_unreachable(struct __sk_buff *skb, co
 	    bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(ip) + sizeof(icmp), quote, sizeof(quote), 0) < 0)
 		return DROP_WRITE_ERROR;
 	return 0;
+}
+
+/* A service without backends: count the drop, report it, and answer the client with ICMP port
+ * unreachable sent back out of the interface the request came in on (or drop silently with
+ * SERVICE_NO_BACKEND_DROP). Returns the program's verdict. */
+static __always_inline int lb4_reject_no_backend(struct __sk_buff *skb, const struct pkt4 *p,
+						 const struct flow_info *fi, __u32 ifindex, __u8 egress)
+{
+	update_metrics(skb->len, DROP_NO_SERVICE, METRIC_DIR_SERVICE);
+	emit_event(skb, EVENT_DROP, DROP_NO_SERVICE, fi, skb->len, ifindex, 0, egress, __LINE__);
+#ifndef SERVICE_NO_BACKEND_DROP
+	if (icmp_build_port_unreachable(skb, p) == 0)
+		return bpf_redirect(ifindex, 0);
+#endif
+	return TC_ACT_SHOT;
 }
 
 #endif /* PYCILIUM_ICMP_REJECT_H */

@@ -112,6 +112,15 @@ class AgentConfig(BaseModel):
         except ValueError as e:
             raise ValueError(f"not an IPv4 CIDR: {v!r} ({e})") from e
 
+    @field_validator("maglev_table_size")
+    @classmethod
+    def _prime(cls, v: int) -> int:
+        from pycilium.agent.services.maglev import is_prime
+
+        if not 251 <= v <= 1_048_573 or not is_prime(v):
+            raise ValueError(f"must be a prime between 251 and 1048573, got {v}")
+        return v
+
     @field_validator("node_ip")
     @classmethod
     def _ip(cls, v: str | None) -> str | None:

@@ -307,7 +307,8 @@ class Agent:
         np_r = refl(R.NETWORKPOLICIES)
         id_r = refl(R.PYCILIUM_IDENTITIES)
 
-        services = ServiceManager(node_name=cfg.node_name, bpf_root=cfg.bpf_root, state_dir=cfg.state_dir)
+        services = ServiceManager(node_name=cfg.node_name, bpf_root=cfg.bpf_root, state_dir=cfg.state_dir,
+                                  lb_algorithm=cfg.lb_algorithm, maglev_table_size=cfg.maglev_table_size)  # fmt: skip
         nodes = NodeManager(node_name=cfg.node_name, bpf_root=cfg.bpf_root, routing_mode=cfg.routing_mode,
                             on_pod_cidrs=self._on_pod_cidrs, on_nodes_changed=services.nodes_changed)  # fmt: skip
         services.node_ip_of = nodes.node_ip_of

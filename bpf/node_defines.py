@@ -27,6 +27,7 @@ def node_defines(config: Any, *, pin_root: str | None = None, node_ip: str, pod_
         "CT_LIFETIME_TCP_SYN": config.ct_timeout_tcp_syn,
         "CT_LIFETIME_TCP_FIN": config.ct_timeout_tcp_fin,
         "CT_LIFETIME_NONTCP": config.ct_timeout_any,
+        "LB_MAGLEV_TABLE_SIZE": config.maglev_table_size,
     }
     if pod_cidr:
         v["POD_CIDR_ADDR"], v["POD_CIDR_MASK"] = _cidr(pod_cidr)

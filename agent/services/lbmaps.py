@@ -33,6 +33,7 @@ BACKENDS = lbmap.BACKENDS.name
 REVERSE_NAT = lbmap.REVERSE_NAT.name
 AFFINITY = lbmap.AFFINITY.name
 AFFINITY_MATCH = lbmap.AFFINITY_MATCH.name
+MAGLEV = lbmap.MAGLEV.name
 CT_TCP = ctmap.CT4_GLOBAL.name
 CT_ANY = ctmap.CT_ANY4_GLOBAL.name
 NAT = natmap.SNAT_V4_EXTERNAL.name
@@ -88,6 +89,33 @@ def nport(port: int) -> bytes:
 
 def ntoa(b: bytes) -> str:
     return socket.inet_ntoa(b)
+
+
+_MAGLEV_KEY = struct.Struct("<HH")
+_MAGLEV_CHUNK = struct.Struct(f"<{lbmap.LB_MAGLEV_CHUNK}I")
+assert _MAGLEV_KEY.size == ctypes.sizeof(lbmap.Lb4MaglevKey)
+assert _MAGLEV_CHUNK.size == ctypes.sizeof(lbmap.Lb4MaglevChunk)
+
+
+def maglev_entries(rev_nat: int, ids: Sequence[int]) -> tuple[list[bytes], list[bytes]]:
+    """A Maglev table (backend id per slot) as lb4_maglev keys and chunk values."""
+    n = lbmap.LB_MAGLEV_CHUNK
+    keys, values = [], []
+    for c in range(0, len(ids), n):
+        chunk = list(ids[c : c + n])
+        chunk += [0] * (n - len(chunk))
+        keys.append(_MAGLEV_KEY.pack(rev_nat, c // n))
+        values.append(_MAGLEV_CHUNK.pack(*chunk))
+    return keys, values
+
+
+def maglev_keys(rev_nat: int, table_size: int) -> list[bytes]:
+    n = lbmap.LB_MAGLEV_CHUNK
+    return [_MAGLEV_KEY.pack(rev_nat, c) for c in range((table_size + n - 1) // n)]
+
+
+def maglev_key_rev_nat(key: bytes) -> int:
+    return int(_MAGLEV_KEY.unpack(key)[0])
 
 
 def svc_key(fe: FeKey, slot: int) -> bytes:
@@ -168,7 +196,7 @@ class PurgeRequest:
 class LBMaps:
     """The pinned load-balancer maps (and conntrack/NAT for purges) of one node, as raw fds."""
 
-    NAMES = (SERVICES, BACKENDS, REVERSE_NAT, AFFINITY, AFFINITY_MATCH, CT_TCP, CT_ANY, NAT)
+    NAMES = (SERVICES, BACKENDS, REVERSE_NAT, AFFINITY, AFFINITY_MATCH, MAGLEV, CT_TCP, CT_ANY, NAT)
 
     def __init__(self, bpf_root: str) -> None:
         from pycilium.bpf.maps import BY_NAME

@@ -48,12 +48,14 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from pycilium.agent.k8s.reflector import Handlers, HasSynced
 
+from . import maglev
 from .ids import IdAllocator
 from .lbmaps import (
     AFFINITY_MATCH,
     BACKENDS,
     BE_STATE_ACTIVE,
     BE_STATE_TERMINATING,
+    MAGLEV,
     REVERSE_NAT,
     SERVICES,
     LBMaps,
@@ -67,6 +69,9 @@ from .lbmaps import (
     decode_revnat_key,
     decode_svc_key,
     decode_svc_value,
+    maglev_entries,
+    maglev_key_rev_nat,
+    maglev_keys,
     revnat_key,
     revnat_value,
     svc_key,
@@ -83,7 +88,12 @@ from .model import (
 )
 from .translate import (
     EMPTY_PLAN,
+    SVC_FLAG2_MAGLEV,
     SVC_FLAG_AFFINITY,
+    SVC_FLAG_EXT_LOCAL_SCOPE,
+    SVC_FLAG_EXTERNAL_IP,
+    SVC_FLAG_LOADBALANCER,
+    SVC_FLAG_NODEPORT,
     BKey,
     FeKey,
     Frontend,
@@ -167,8 +177,14 @@ class ServiceManager:
         audit_interval: float = 60.0,
         registry: CollectorRegistry | None = None,
         maps: LBMaps | None = None,
+        lb_algorithm: str = "random",
+        maglev_table_size: int = 16381,
     ) -> None:
         self.node_name = node_name
+        # Maglev: north-south frontends get a consistent-hashing table (agent/services/maglev.py)
+        self.lb_algorithm = lb_algorithm
+        self.maglev_table_size = maglev_table_size
+        self._maglev_written: dict[FeKey, tuple[int, tuple[int, ...]]] = {}  # frontend -> (rev_nat, table)
         self.bpf_root = bpf_root
         self.state_dir = state_dir
         self.node_ip_of = node_ip_of
@@ -595,6 +611,9 @@ class ServiceManager:
         del_slots: list[bytes] = []
         del_rn: list[bytes] = []
         am_del: list[bytes] = []
+        mg_k: list[bytes] = []
+        mg_v: list[bytes] = []
+        mg_del: list[bytes] = []
         dead_pairs: set[tuple[int, int, int]] = set()
         ids = self._backend_ids
         for fk, want in fe_want.items():
@@ -604,6 +623,9 @@ class ServiceManager:
                     continue
                 del_s0.append(svc_key(fk, 0))
                 del_slots.extend(svc_key(fk, i) for i in range(1, len(old.slots) + 1))
+                mw = self._maglev_written.pop(fk, None)
+                if mw is not None:
+                    mg_del.extend(maglev_keys(mw[0], len(mw[1])))
                 if self._revnat_written.pop(old.rev_nat, None) is not None:
                     del_rn.append(revnat_key(old.rev_nat))
                 if old.affinity:
@@ -624,7 +646,21 @@ class ServiceManager:
                 self._revnat_dirty = True
             new_slots = tuple(ids.acquire(bk) for bk in fp.slots)
             aff = bool(fe.flags & SVC_FLAG_AFFINITY)
-            val0 = svc_value(fe.affinity_timeout if aff else 0, len(new_slots), rn, fe.flags, fe.flags2,
+            flags2 = fe.flags2
+            mag = self._maglev_table(fe.flags, fp, new_slots)
+            old_mag = self._maglev_written.get(fk)
+            if mag is not None:
+                flags2 |= SVC_FLAG2_MAGLEV
+                if old_mag != (rn, mag):
+                    k_, v_ = maglev_entries(rn, mag)
+                    mg_k.extend(k_)
+                    mg_v.extend(v_)
+                    self._maglev_written[fk] = (rn, mag)
+            if old_mag is not None and (mag is None or old_mag[0] != rn):
+                mg_del.extend(maglev_keys(old_mag[0], len(old_mag[1])))
+                if mag is None:
+                    del self._maglev_written[fk]
+            val0 = svc_value(fe.affinity_timeout if aff else 0, len(new_slots), rn, fe.flags, flags2,
                              fp.local_count)  # fmt: skip
             old_slots = old.slots if old is not None else ()
             same_rn = old is not None and old.rev_nat == rn
@@ -667,8 +703,13 @@ class ServiceManager:
         m.update(SERVICES, slot_k, slot_v)
         m.update(REVERSE_NAT, rn_k, rn_v)
         m.update(AFFINITY_MATCH, am_add, [b"\x01"] * len(am_add))
+        m.update(MAGLEV, mg_k, mg_v)
         m.update(SERVICES, s0_k, s0_v)
         m.delete(SERVICES, del_s0)
+        m.delete(MAGLEV, mg_del)
+        if full:  # tables of frontends that no longer exist (e.g. deleted while the agent was down)
+            live = {rn for rn, _ in self._maglev_written.values()}
+            m.delete(MAGLEV, [k for k, _ in m.items(MAGLEV) if maglev_key_rev_nat(k) not in live])
         m.delete(SERVICES, del_slots)
         m.delete(REVERSE_NAT, del_rn)
         m.delete(AFFINITY_MATCH, am_del)
@@ -693,6 +734,19 @@ class ServiceManager:
                 for k in waiting:
                     self._mark(k)
             self._wake.set()
+
+    def _maglev_table(
+        self, flags: int, fp: FrontendPlan, slot_ids: tuple[int, ...]
+    ) -> tuple[int, ...] | None:
+        """The Maglev table of a north-south frontend (None: random selection)."""
+        if self.lb_algorithm != "maglev" or not flags & (
+            SVC_FLAG_NODEPORT | SVC_FLAG_LOADBALANCER | SVC_FLAG_EXTERNAL_IP
+        ):
+            return None
+        n = fp.local_count if flags & SVC_FLAG_EXT_LOCAL_SCOPE else len(slot_ids)
+        if n == 0:
+            return None
+        return tuple(maglev.backend_table(list(fp.slots[:n]), slot_ids[:n], self.maglev_table_size))
 
     def _wanted_pairs(self) -> set[tuple[int, int]]:
         out: set[tuple[int, int]] = set()

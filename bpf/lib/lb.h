@@ -45,6 +45,38 @@ static __always_inline __u32 lb4_select_backend(__be32 addr, __be16 port, __u8 p
 	return lb4_slot_backend(addr, port, proto, slot);
 }
 
+#ifndef LB_MAGLEV_TABLE_SIZE
+#define LB_MAGLEV_TABLE_SIZE 16381
+#endif
+
+/* A flow hash that is the same on every node (the Maglev table is too). */
+static __always_inline __u32 lb4_flow_hash(const struct pkt4 *p)
+{
+	__u32 h = p->saddr * 0x9e3779b1u;
+
+	h ^= p->daddr * 0x85ebca6bu;
+	h ^= (((__u32)p->sport << 16) | p->dport) * 0xc2b2ae35u;
+	h ^= p->proto;
+	h ^= h >> 16;
+	h *= 0x85ebca6bu;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35u;
+	h ^= h >> 16;
+	return h;
+}
+
+static __always_inline __u32 lb4_maglev_backend(const struct pkt4 *p, __u16 rev_nat_index)
+{
+	__u32 idx = lb4_flow_hash(p) % LB_MAGLEV_TABLE_SIZE;
+	struct lb4_maglev_key k = {};
+	struct lb4_maglev_chunk *c;
+
+	k.rev_nat_index = rev_nat_index;
+	k.chunk = (__u16)(idx / LB_MAGLEV_CHUNK);
+	c = map_lookup(lb4_maglev, &k);
+	return c ? c->backend_ids[idx & (LB_MAGLEV_CHUNK - 1)] : 0;
+}
+
 static __always_inline int lb4_affinity_valid(__u32 backend_id, __u16 rev_nat_index)
 {
 	struct lb_affinity_match m = {};
@@ -108,6 +140,8 @@ static __always_inline int lb4_local(const struct pkt4 *p, __be32 fe_addr, const
 			av->last_used = now;
 		}
 	}
+	if (!backend_id && north_south && (svc->flags2 & SVC_FLAG2_MAGLEV))
+		backend_id = lb4_maglev_backend(p, svc->rev_nat_index);
 	if (!backend_id)
 		backend_id = lb4_select_backend(fe_addr, p->dport, p->proto, count);
 	if (!backend_id)

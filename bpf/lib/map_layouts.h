@@ -108,16 +108,18 @@ struct lb_affinity_match {
 	__u16 pad;
 };
 
-/* Per-service Maglev lookup table: rev_nat_index -> backend ids (outer HASH, fixed-size value). */
-#ifndef LB_MAGLEV_LUT_SIZE
-#define LB_MAGLEV_LUT_SIZE 251
-#endif
+/* Maglev consistent hashing (north-south frontends with SVC_FLAG2_MAGLEV): a lookup table of
+ * LB_MAGLEV_TABLE_SIZE (a prime, node setting) backend ids per service, stored in chunks of
+ * LB_MAGLEV_CHUNK so the layout does not depend on the table size:
+ * lb4_maglev[{rev_nat_index, chunk}] = ids[chunk * 64 .. chunk * 64 + 63]. The agent builds the table
+ * from the backends' addresses, so every node picks the same backend for a flow. */
+#define LB_MAGLEV_CHUNK 64
 struct lb4_maglev_key {
 	__u16 rev_nat_index;
-	__u16 pad;
+	__u16 chunk;
 };
-struct lb4_maglev_lut {
-	__u32 backend_ids[LB_MAGLEV_LUT_SIZE];
+struct lb4_maglev_chunk {
+	__u32 backend_ids[LB_MAGLEV_CHUNK];
 };
 
 /* ---- conntrack and NAT ------------------------------------------------------------------------ */

@@ -53,7 +53,7 @@ C_STRUCTS: dict[str, type[ctypes.Structure]] = {
     "lb_affinity_val": lbmap.LbAffinityVal,
     "lb_affinity_match": lbmap.LbAffinityMatch,
     "lb4_maglev_key": lbmap.Lb4MaglevKey,
-    "lb4_maglev_lut": lbmap.Lb4MaglevLut,
+    "lb4_maglev_chunk": lbmap.Lb4MaglevChunk,
     "ct4_key": ctmap.Ct4Key,
     "ct_entry": ctmap.CtEntry,
     "nat4_entry": natmap.Nat4Entry,

@@ -52,15 +52,15 @@ class U8Value(C.Structure):
     _fields_ = [("value", C.c_uint8)]
 
 
-LB_MAGLEV_LUT_SIZE = d("LB_MAGLEV_LUT_SIZE")
+LB_MAGLEV_CHUNK = d("LB_MAGLEV_CHUNK")
 
 
 class Lb4MaglevKey(C.Structure):
-    _fields_ = [("rev_nat_index", C.c_uint16), ("pad", C.c_uint16)]
+    _fields_ = [("rev_nat_index", C.c_uint16), ("chunk", C.c_uint16)]
 
 
-class Lb4MaglevLut(C.Structure):
-    _fields_ = [("backend_ids", C.c_uint32 * LB_MAGLEV_LUT_SIZE)]
+class Lb4MaglevChunk(C.Structure):
+    _fields_ = [("backend_ids", C.c_uint32 * LB_MAGLEV_CHUNK)]
 
 
 SERVICES = MapSpec("lb4_services", sc.MAP_TYPE_HASH, Lb4Key, Lb4Service, "LB_MAP_SIZE", 65536, "lb_map_max")
@@ -72,4 +72,6 @@ AFFINITY = MapSpec("lb4_affinity", sc.MAP_TYPE_LRU_HASH, Lb4AffinityKey, LbAffin
                    "lb_map_max")  # fmt: skip
 AFFINITY_MATCH = MapSpec("lb_affinity_match", sc.MAP_TYPE_HASH, LbAffinityMatch, U8Value, "LB_MAP_SIZE",
                          65536, "lb_map_max")  # fmt: skip
-MAGLEV = MapSpec("lb4_maglev", sc.MAP_TYPE_HASH, Lb4MaglevKey, Lb4MaglevLut, "LB_MAGLEV_MAP_SIZE", 4096)
+# 256 chunks per service at the default table size 16381: room for 1,024 Maglev frontends.
+MAGLEV = MapSpec("lb4_maglev", sc.MAP_TYPE_HASH, Lb4MaglevKey, Lb4MaglevChunk, "LB_MAGLEV_MAP_SIZE", 262144,
+                 flags=sc.BPF_F_NO_PREALLOC)  # fmt: skip

@@ -40,6 +40,7 @@ class AgentConfig(BaseModel):
     pod_cidr: str | None = Field(default=None, alias="pod-cidr")  # else Node.spec.podCIDR
     service_cidr: str = Field(default="10.96.0.0/12", alias="service-cidr")
     ipam_mode: Literal["kubernetes", "static"] = Field(default="kubernetes", alias="ipam-mode")
+    # VXLAN tunnelling is not implemented yet: `tunnel` is refused with a clear message (below).
     routing_mode: Literal["native", "tunnel"] = Field(default="native", alias="routing-mode")
     tunnel_protocol: Literal["vxlan"] = Field(default="vxlan", alias="tunnel-protocol")
     mtu: int = Field(default=1500, alias="mtu", ge=1280, le=9000)
@@ -111,6 +112,13 @@ class AgentConfig(BaseModel):
             return str(ipaddress.IPv4Network(v, strict=True))
         except ValueError as e:
             raise ValueError(f"not an IPv4 CIDR: {v!r} ({e})") from e
+
+    @field_validator("routing_mode")
+    @classmethod
+    def _routing(cls, v: str) -> str:
+        if v == "tunnel":
+            raise ValueError("tunnel routing (VXLAN) is not implemented in this version; use native routing")
+        return v
 
     @field_validator("maglev_table_size")
     @classmethod

@@ -6,12 +6,24 @@ PY := $(VENV)/bin/python
 setup:
 	@bash scripts/setup.sh
 
-# Until the multi-node lab with agents lands, `make lab` brings up the one-node datapath lab.
+# `make lab`: a 2-node lab (agents, embedded API server, world) with the demo app of examples/echo.yaml;
+# it keeps running until `make lab-down`. LAB_NODES=N for another size.
+LAB_NODES ?= 2
 lab: setup
-	$(PY) -m pycilium.lab.singlenode up
+	$(VENV)/bin/pycilium lab up --nodes $(LAB_NODES)
+	$(VENV)/bin/pycilium lab apply -f examples/echo.yaml --wait
+	@$(VENV)/bin/pycilium lab status
+	@echo
+	@vip=$$($(VENV)/bin/pycilium lab status -o json | $(PY) -c 'import json, sys; \
+	  print(next(s["clusterIP"] for s in json.load(sys.stdin)["services"] if s["name"] == "echo"))'); \
+	echo "try:  $(VENV)/bin/pycilium lab probe --from demo/client --to $$vip:80 --count 4"
+	@echo "      $(VENV)/bin/pycilium lab probe --from world --to 192.168.200.11:30080        # NodePort"
+	@echo "      $(VENV)/bin/pycilium lab probe --from demo/client --to 192.168.200.100:8080  # masqueraded"
+	@echo "      $(VENV)/bin/pycilium lab exec node1 -- pycilium bpf ct list global"
+	@echo "remove it: make lab-down"
 
 lab-down: setup
-	$(PY) -m pycilium.lab.singlenode down
+	$(VENV)/bin/pycilium lab down
 
 test: setup lint
 	$(PY) -m pytest -ra $(PYTEST_ARGS)

@@ -1,0 +1,94 @@
+"""`pycilium lab up --kubeconfig`: the same kubelet and controller roles against an API server the lab
+did not start (here a separate pycilium.lab.apiserver process on the host's loopback, which the
+node namespaces reach through the lab's proxy in the underlay)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import Lab
+
+pytestmark = pytest.mark.e2e
+
+APP = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: ext}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: ext}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec: {containers: [{name: c, ports: [{containerPort: 8080}]}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: ext}
+spec:
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: ext}
+spec: {containers: [{name: c}]}
+"""
+
+
+@pytest.fixture
+def external() -> Iterator[tuple[Lab, str]]:
+    tmp = Path(tempfile.mkdtemp(prefix="pyc-e2e-ext-"))
+    kc = tmp / "kubeconfig"
+    server = subprocess.Popen([sys.executable, "-m", "pycilium.lab.apiserver", "--host", "127.0.0.1", "--port", "0",
+                               "--graceful-pod-deletion", "--kubeconfig", str(kc)],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    lab = Lab()
+    lab.env["PYCILIUM_LAB_NAME"] = "pyc-e2e-ext"
+    try:
+        assert server.stdout is not None
+        assert server.stdout.readline().startswith("http://127.0.0.1:")
+        lab.run("down", check=False)
+        yield lab, str(kc)
+    finally:
+        lab.run("down", check=False, timeout=120)
+        server.terminate()
+        server.wait(10)
+        for f in tmp.iterdir():
+            f.unlink()
+        tmp.rmdir()
+
+
+def test_lab_on_an_existing_api_server(external: tuple[Lab, str]) -> None:
+    lab, kc = external
+    t0 = time.monotonic()
+    lab.run("up", "--nodes", "1", "--kubeconfig", kc, timeout=300)
+    assert lab.run("kubeconfig").stdout.strip() == kc
+    # `up` is idempotent, and refuses to switch API servers under a running lab
+    lab.run("up", "--nodes", "1", "--kubeconfig", kc, timeout=60)
+    assert lab.run("up", "--nodes", "1", check=False).returncode == 1
+    lab.apply(APP)
+    vip = lab.cluster_ip("ext/web")
+    results = lab.probe("ext/client", f"{vip}:80", count=10)
+    assert {r["pod"].rsplit("-", 2)[0] for r in results} == {"web"}
+    nodes = json.loads(subprocess.run(["kubectl", "--kubeconfig", kc, "get", "nodes", "-o", "json"],
+                                      capture_output=True, text=True, check=True).stdout)  # fmt: skip
+    assert [n["metadata"]["name"] for n in nodes["items"]] == ["node1"]
+    assert lab.get("pod", "client", "ext")["status"]["hostIP"] == "192.168.200.11"
+    lab.delete(APP)  # graceful deletion on this server: the kubelet completes it
+    lab.run("down")
+    nodes = json.loads(subprocess.run(["kubectl", "--kubeconfig", kc, "get", "nodes", "-o", "json"],
+                                      capture_output=True, text=True, check=True).stdout)  # fmt: skip
+    assert nodes["items"] == []  # the lab's Node objects are removed from a server it does not own
+    print(f"external-API lab cycle in {time.monotonic() - t0:.1f}s", file=sys.stderr)

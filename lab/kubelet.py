@@ -311,6 +311,7 @@ class Kubelet:
         self.runtimes = load_runtimes(self.state_file)
         self.stop_event = threading.Event()
         self._lock = threading.Lock()
+        self._save_lock = threading.Lock()
         self._uid_locks: dict[str, threading.Lock] = {}
         self._queue: list[str] = []
         self._cv = threading.Condition()
@@ -417,11 +418,12 @@ class Kubelet:
         return None
 
     def _save(self) -> None:
-        with self._lock:
-            data = {"node": self.node, "pods": {u: asdict(r) for u, r in self.runtimes.items()}}
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, self.state_file)
+        with self._save_lock:  # workers save concurrently: one writer at a time
+            with self._lock:
+                data = {"node": self.node, "pods": {u: asdict(r) for u, r in self.runtimes.items()}}
+            tmp = self.state_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data, indent=1))
+            os.replace(tmp, self.state_file)
 
     # -- sync one pod ------------------------------------------------------------------------------
     def sync(self, uid: str) -> None:

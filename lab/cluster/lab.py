@@ -345,6 +345,7 @@ class Lab:
     def __init__(self, instance: str | None = None) -> None:
         self.paths = Paths(instance or instance_name())
         self.state = LabState.load(self.paths) or LabState(self.paths.instance)
+        self._restart_controllers = False
 
     @property
     def exists(self) -> bool:
@@ -483,28 +484,29 @@ class Lab:
                 str(paths.api_info),
             ]
         else:
-            cmd = [
-                sys.executable,
-                "-m",
-                "pycilium.lab.cluster.apiproc",
-                "serve",
-                "--netns",
-                ul,
-                "--listen",
-                f"{BRIDGE_IP}:{API_PORT}",
-                "--state",
-                str(paths.api_state),
-                "--info",
-                str(paths.api_info),
-            ]
-        st.procs["apiserver"] = proc = spawn(cmd, paths.logs / "apiserver.log", f"--info {paths.api_info}")
-        self._save()
-        deadline = time.monotonic() + 30
-        while not paths.api_info.exists():
-            if not proc.alive() or time.monotonic() > deadline:
+            cmd = [sys.executable, "-m", "pycilium.lab.cluster.apiproc", "serve", "--netns", ul, "--listen",
+                   f"{BRIDGE_IP}:{API_PORT}", "--state", str(paths.api_state), "--info", str(paths.api_info)]  # fmt: skip
+        # a restarted server keeps its loopback port when it can, so kubeconfigs out there stay valid
+        old_port = st.host_url.rpartition(":")[2] if st.host_url and not st.external_kubeconfig else ""
+        attempts = [[*cmd, "--loopback-port", old_port], cmd] if old_port.isdigit() else [cmd]
+        for i, attempt in enumerate(attempts):
+            st.procs["apiserver"] = proc = spawn(
+                attempt, paths.logs / "apiserver.log", f"--info {paths.api_info}"
+            )
+            self._save()
+            deadline = time.monotonic() + 30
+            while not paths.api_info.exists():
+                if not proc.alive() or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            if paths.api_info.exists():
+                break
+            stop_proc(proc, 1.0)
+            if i == len(attempts) - 1:
                 raise LabError(f"the API endpoint did not start; log {proc.log}:\n{tail(proc.log)}")
-            time.sleep(0.05)
         info = json.loads(paths.api_info.read_text())
+        if st.host_url and info["host_url"] != st.host_url and not st.external_kubeconfig:
+            self._restart_controllers = True
         if st.external_kubeconfig:
             st.api_url = f"(proxy {BRIDGE_IP}:{API_PORT})"
             st.host_url = info["host_url"]
@@ -601,7 +603,10 @@ class Lab:
     def _controllers(self) -> None:
         p = self.state.procs.get("controllers")
         if p is not None and p.alive():
-            return
+            if not self._restart_controllers:
+                return
+            stop_proc(p)  # it was talking to the previous API endpoint
+        self._restart_controllers = False
         kc = self.host_kubeconfig()
         cmd = [sys.executable, "-m", "pycilium.lab.controllers", "--kubeconfig", kc]
         self.state.procs["controllers"] = spawn(

@@ -185,7 +185,7 @@ class Agent:
         self._closers.append(self.http.stop)
         from prometheus_client import REGISTRY
 
-        REGISTRY.register(DatapathCollector(cfg.bpf_root))
+        REGISTRY.register(DatapathCollector(cfg.bpf_root, evictions=self._ct_evictions))
 
         # 2. Kubernetes
         self.ready_reason = "connecting to the Kubernetes API"
@@ -381,6 +381,10 @@ class Agent:
         self.ready_reason = None
         log.info("agent ready", extra={"node": self.config.node_name,
                                        "seconds": round(time.time() - self.started, 2)})  # fmt: skip
+
+    def _ct_evictions(self) -> dict[str, int]:
+        ctgc = getattr(self, "ctgc", None)
+        return dict(ctgc.evictions) if ctgc is not None else {}
 
     def _health_details(self) -> dict[str, Any]:
         return {"node": self.config.node_name, "node_ip": self.node_ip, "pod_cidr": self.pod_cidr,

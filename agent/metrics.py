@@ -20,17 +20,20 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from pycilium.agent.datapath.ctgc import map_pressure
 from pycilium.bpf.maps import BY_NAME, MapNotPinnedError, PinnedMap
-from pycilium.bpf.maps.defines import reason_text
+from pycilium.bpf.maps.defines import d, reason_text
 
 log = logging.getLogger("pycilium.metrics")
-DIRECTIONS = {1: "INGRESS", 2: "EGRESS", 3: "SERVICE"}
+DIRECTIONS = {1: "INGRESS", 2: "EGRESS", 3: "SERVICE", 4: "ct4_global", 5: "ct_any4_global"}
+POLICY_ALLOWED = d("REASON_POLICY_ALLOWED")
+CT_CREATED = d("REASON_CT_CREATED")
 
 
 class DatapathCollector(Collector):
     """Reads the pinned maps when Prometheus scrapes."""
 
-    def __init__(self, bpf_root: str):
+    def __init__(self, bpf_root: str, evictions: Callable[[], dict[str, int]] | None = None):
         self.bpf_root = bpf_root
+        self.evictions = evictions
 
     def collect(self) -> Iterator[Any]:
         drops = CounterMetricFamily(
@@ -45,6 +48,12 @@ class DatapathCollector(Collector):
         fwd_bytes = CounterMetricFamily(
             "pycilium_forward_bytes", "Bytes forwarded by the datapath", labels=["direction"]
         )
+        allowed = CounterMetricFamily(
+            "pycilium_policy_verdicts", "New connections allowed by an enforced policy", labels=["direction"]
+        )
+        ct_created = CounterMetricFamily(
+            "pycilium_conntrack_created", "Conntrack entries created", labels=["map"]
+        )
         try:
             with PinnedMap(BY_NAME["metrics"], self.bpf_root) as m:
                 for k, vs in m.items_percpu():
@@ -53,18 +62,29 @@ class DatapathCollector(Collector):
                     if k.reason == 0:
                         fwd.add_metric([direction], count)
                         fwd_bytes.add_metric([direction], nbytes)
+                    elif k.reason == POLICY_ALLOWED:
+                        allowed.add_metric([direction], count)
+                    elif k.reason == CT_CREATED:
+                        ct_created.add_metric([direction], count)
                     else:
                         drops.add_metric([reason_text(k.reason), direction], count)
                         drop_bytes.add_metric([reason_text(k.reason), direction], nbytes)
         except MapNotPinnedError:
             pass
-        yield from (drops, drop_bytes, fwd, fwd_bytes)
+        yield from (drops, drop_bytes, fwd, fwd_bytes, allowed, ct_created)
         pressure = GaugeMetricFamily(
             "pycilium_bpf_map_pressure", "Fill level of a BPF map (0..1)", labels=["map_name"]
         )
         for name, value in map_pressure(self.bpf_root).items():
             pressure.add_metric([name], value)
         yield pressure
+        if self.evictions is not None:
+            ev = CounterMetricFamily("pycilium_conntrack_evictions_estimated",
+                                     "Conntrack entries gone before expiry without GC (LRU eviction when full, "
+                                     "or purged with a removed backend): an upper bound", labels=["map"])  # fmt: skip
+            for name, n in self.evictions().items():
+                ev.add_metric([name], n)
+            yield ev
 
 
 class HTTPEndpoints:

@@ -49,11 +49,13 @@ static __always_inline void trace(struct __sk_buff *skb, __u8 point, const struc
 static __always_inline void policy_verdict(struct __sk_buff *skb, const struct flow_info *fi, int verdict,
 					   __u8 egress, __u32 ifindex)
 {
-	if (verdict)
+	if (verdict) {
 		emit_event(skb, EVENT_POLICY_VERDICT, (__u8)verdict, fi, skb->len, ifindex, CT_NEW, egress, 0);
+		return; /* the drop itself is counted by DROP() */
+	}
+	update_metrics(skb->len, REASON_POLICY_ALLOWED, egress ? METRIC_DIR_EGRESS : METRIC_DIR_INGRESS);
 #ifdef ENABLE_TRACE
-	else
-		emit_event(skb, EVENT_POLICY_VERDICT, REASON_POLICY_ALLOWED, fi, skb->len, ifindex, CT_NEW, egress, 0);
+	emit_event(skb, EVENT_POLICY_VERDICT, REASON_POLICY_ALLOWED, fi, skb->len, ifindex, CT_NEW, egress, 0);
 #endif
 }
 

@@ -38,7 +38,12 @@ KEY = struct.Struct(">4s4sHHBB2x")
 VALUE = struct.Struct("<IIQQIHHHBBIII")
 assert KEY.size == ctypes.sizeof(Ct4Key) and VALUE.size == ctypes.sizeof(CtEntry)
 
-DIRECTIONS = {d("CT_DIR_OUT"): "OUT", d("CT_DIR_IN"): "IN", d("CT_DIR_SVC"): "SVC"}
+DIRECTIONS = {
+    d("CT_DIR_OUT"): "OUT",
+    d("CT_DIR_IN"): "IN",
+    d("CT_DIR_SVC"): "SVC",
+    d("CT_DIR_NODEPORT"): "NODEPORT",
+}
 
 # ct_entry.flags bit -> name, as Cilium prints them.
 FLAG_NAMES: tuple[tuple[int, str], ...] = (

@@ -18,6 +18,7 @@ from pycilium.bpf import syscall as sc
 from pycilium.bpf.maps import PinnedMap
 from pycilium.bpf.maps.ctmap import CT4_GLOBAL, CT_ANY4_GLOBAL, Ct4Key, CtEntry
 from pycilium.bpf.maps.defines import d
+from pycilium.bpf.maps.metricsmap import METRICS
 from pycilium.bpf.maps.natmap import SNAT_V4_EXTERNAL, Nat4Entry
 
 log = logging.getLogger("pycilium.datapath.ctgc")
@@ -31,7 +32,7 @@ class GCResult:
     scanned: int = 0
     deleted: int = 0
     nat_deleted: int = 0
-    per_map: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (entries left, max)
+    per_map: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # name -> (scanned, left, max)
 
     @property
     def ratio(self) -> float:
@@ -88,11 +89,31 @@ def gc_pass(bpf_root: str, now: float | None = None) -> GCResult:
                     res.deleted += sc.map_delete_batch(ct.fd, expired)
                 if nat is not None and nat_keys:
                     res.nat_deleted += nat.delete_batch(Ct4Key.from_buffer_copy(x) for x in nat_keys)
-                res.per_map[spec.name] = (total - len(expired), ct.info.max_entries)
+                res.per_map[spec.name] = (total, total - len(expired), ct.info.max_entries)
     finally:
         if nat is not None:
             nat.close()
     return res
+
+
+def ct_created_counts(bpf_root: str) -> dict[str, int]:
+    """Conntrack entries the datapath has created, per map (REASON_CT_CREATED in the metrics map)."""
+    names = {d("METRIC_DIR_CT_TCP"): CT4_GLOBAL.name, d("METRIC_DIR_CT_ANY"): CT_ANY4_GLOBAL.name}
+    out = dict.fromkeys(names.values(), 0)
+    try:
+        with PinnedMap(METRICS, bpf_root) as m:
+            for k, vs in m.items_percpu():
+                if k.reason == d("REASON_CT_CREATED") and k.dir in names:
+                    out[names[k.dir]] += sum(v.count for v in vs)
+    except FileNotFoundError:
+        pass
+    return out
+
+
+def estimate_evictions(prev_left: int, scanned: int, created_delta: int) -> int:
+    """Entries that were created since the last pass but are gone without GC deleting them: evicted by
+    the LRU (a full table) or purged by the agent (removed backends), so an upper bound."""
+    return max(0, created_delta - (scanned - prev_left))
 
 
 def map_pressure(bpf_root: str, names: tuple[str, ...] = ("ct4_global", "ct_any4_global", "snat_v4_external")
@@ -120,13 +141,30 @@ class ConntrackGC:
         self.interval = fixed_interval or START_INTERVAL
         self.last: GCResult | None = None
         self.runs = 0
+        self.evictions: dict[str, int] = {}  # map -> estimated LRU evictions so far (upper bound)
+        self._created: dict[str, int] | None = None
         self._stop = threading.Event()
         self._kick = threading.Event()
         self._thread: threading.Thread | None = None
 
     def run_once(self) -> GCResult:
         t0 = time.monotonic()
+        created = ct_created_counts(self.bpf_root)
         res = gc_pass(self.bpf_root)
+        if self._created is not None and self.last is not None:
+            for name, (scanned, _left, _max) in res.per_map.items():
+                prev = self.last.per_map.get(name)
+                if prev is not None:
+                    ev = estimate_evictions(
+                        prev[1], scanned, created.get(name, 0) - self._created.get(name, 0)
+                    )
+                    self.evictions[name] = self.evictions.get(name, 0) + ev
+                    if ev:
+                        log.warning("conntrack entries evicted before expiry (table full?)",
+                                    extra={"map": name, "evicted": ev, "max_entries": _max})  # fmt: skip
+        for name in res.per_map:
+            self.evictions.setdefault(name, 0)
+        self._created = created
         self.last, self.runs = res, self.runs + 1
         if not self.fixed:
             self.interval = next_interval(self.interval, res.ratio, self.max_interval)

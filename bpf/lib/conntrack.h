@@ -9,6 +9,7 @@
 #define PYCILIUM_CONNTRACK_H
 
 #include "parse.h"
+#include "metrics.h"
 
 #ifndef CT_LIFETIME_TCP
 #define CT_LIFETIME_TCP 8000
@@ -152,6 +153,7 @@ static __always_inline int ct_create4(const struct pkt4 *p, __u8 key_flags, __u1
 	ct_refresh(&e, p, 0);
 	if (bpf_map_update_elem(ct_map(p->proto), &k, &e, BPF_ANY) < 0)
 		return DROP_CT_CREATE_FAILED;
+	update_metrics(p->len, REASON_CT_CREATED, p->proto == IPPROTO_TCP ? METRIC_DIR_CT_TCP : METRIC_DIR_CT_ANY);
 	return 0;
 }
 

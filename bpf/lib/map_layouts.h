@@ -268,6 +268,8 @@ struct prefilter_value {
 #define METRIC_DIR_INGRESS 1
 #define METRIC_DIR_EGRESS 2
 #define METRIC_DIR_SERVICE 3
+#define METRIC_DIR_CT_TCP 4 /* REASON_CT_CREATED: entries created in ct4_global */
+#define METRIC_DIR_CT_ANY 5 /* REASON_CT_CREATED: entries created in ct_any4_global */
 
 struct metrics_key {
 	__u8 reason; /* 0: forwarded, else a DROP_* code */
@@ -306,7 +308,8 @@ struct metrics_value {
 #define DROP_PREFILTER 220       /* CIDR prefilter (XDP) */
 #define DROP_NO_LOCAL_BACKEND 221/* traffic-policy Local with no local backend */
 #define DROP_INVALID_SVC_SLOT 222/* a service slot points to a missing backend */
-#define REASON_POLICY_ALLOWED 250/* policy verdict events only */
+#define REASON_POLICY_ALLOWED 250/* policy verdicts that allowed a new connection */
+#define REASON_CT_CREATED 251    /* conntrack entries created (GC derives LRU evictions from it) */
 
 #define EVENT_DROP 1
 #define EVENT_TRACE 4

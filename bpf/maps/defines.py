@@ -51,6 +51,7 @@ REASON_TEXT: dict[str, str] = {
     "DROP_NO_LOCAL_BACKEND": "No local backend for traffic-policy Local",
     "DROP_INVALID_SVC_SLOT": "Service slot without backend",
     "REASON_POLICY_ALLOWED": "Policy allowed",
+    "REASON_CT_CREATED": "Conntrack entry created",
 }
 
 

@@ -246,3 +246,19 @@ def test_ipam_never_hands_out_an_address_twice_across_restarts(node: Node) -> No
         node.cni("DEL", "newpod", pns)
     finally:
         topo.close()
+
+
+def test_metrics_export_datapath_counters(node: Node) -> None:
+    vip = _vip(node)
+    _wait_frontend(node, vip)
+    netns.run([sys.executable, "-c", LONG_CLIENT, vip, "80"], netns=node.pods["client"][0], input="m\n")
+    code = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9879/metrics', timeout=5).read().decode())"
+    text = netns.run([sys.executable, "-c", code], netns=node.ns).stdout
+    lines = {
+        ln.split(" ")[0]: float(ln.split(" ")[1]) for ln in text.splitlines() if ln and not ln.startswith("#")
+    }
+    assert lines['pycilium_forward_count_total{direction="EGRESS"}'] > 0
+    assert lines['pycilium_conntrack_created_total{map="ct4_global"}'] > 0
+    assert 0 < lines['pycilium_bpf_map_pressure{map_name="ct4_global"}'] < 1
+    assert 'pycilium_conntrack_evictions_estimated_total{map="ct4_global"}' in lines
+    assert any(k.startswith("pycilium_services_sync_duration_seconds") for k in lines)

@@ -21,5 +21,9 @@ for name, folder in ROOTS.items():
 setup(
     packages=packages,
     package_dir=package_dir,
-    package_data={"pycilium.bpf": ["*.c", "lib/*.h"], "pycilium.agent": ["api/*.proto"], "pycilium.cni": ["shim/*.c"]},
+    package_data={
+        "pycilium.bpf": ["*.c", "lib/*.h"],
+        "pycilium.agent": ["api/*.proto"],
+        "pycilium.cni": ["shim/*.c"],
+    },
 )

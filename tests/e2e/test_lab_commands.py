@@ -88,6 +88,11 @@ def test_status_kubeconfig_apply_exec(lab: Lab) -> None:
     assert node1[0] == "/sys/fs/bpf/pyc-e2e/node1" and "eth0" in node1
     assert lab.exec("node2", "pycilium", "status", "--brief", check=False).returncode == 0
     assert lab.exec("node3", "true", check=False).returncode == 2
+    nodes_seen = lab.exec("node1", "kubectl", "get", "nodes", "-o", "name").stdout  # KUBECONFIG for inside
+    assert "node/node1" in nodes_seen
+
+    # the world reaches node IPs, never pod IPs
+    assert lab.probe1("world", f"{pods['solo']['ip']}:9000", timeout=1)["result"] != "ok"
 
     lab.delete(MANIFEST)
     assert "cmds" not in lab.kubectl("get", "namespaces").stdout

@@ -1,14 +1,17 @@
 """End-to-end fixtures: one 2-node lab for the whole session, driven through `pycilium lab`.
 
-The lab runs as its own instance (PYCILIUM_LAB_NAME=pyc-e2e: its own namespaces, bpf root and state
-dir), so it never collides with a lab someone left running, and it is torn down at the end of the
-session whatever happened (also when `up` failed halfway).
+The lab runs as its own instance (PYCILIUM_LAB_NAME=pyc-e2e-<pid>: its own namespaces, bpf root and
+state dir), so it never collides with a lab someone left running or with another test session on
+the same machine, and it is torn down at the end of the session whatever happened (also when `up`
+failed halfway). Labs of earlier sessions that were killed before their teardown (their API server
+is gone) are removed first.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -18,7 +21,8 @@ from typing import Any
 
 import pytest
 
-LAB_NAME = "pyc-e2e"
+LAB_PREFIX = "pyc-e2e-"
+LAB_NAME = f"{LAB_PREFIX}{os.getpid()}"
 PYCILIUM = str(Path(sys.executable).parent / "pycilium")
 HERE = Path(__file__).resolve().parent
 NODE_IPS = {"node1": "192.168.200.11", "node2": "192.168.200.12"}
@@ -106,12 +110,43 @@ class Lab:
         return int(self.get("service", name, ns)["spec"]["ports"][index]["nodePort"])
 
 
+def remove_stale_labs() -> None:
+    """`down` every e2e lab whose session died without its teardown (its API server is not running)."""
+    from pycilium.lab.cluster.lab import Paths
+
+    names = {p.name for p in Path("/var/run").glob(f"{LAB_PREFIX}*")}
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    names |= {m.group(1) for n in netns if (m := re.match(rf"({re.escape(LAB_PREFIX)}\d+(?:-ext)?)-", n))}
+    for name in sorted(names):
+        if not re.fullmatch(rf"{re.escape(LAB_PREFIX)}\d+(-ext)?", name):
+            continue
+        state = Paths(name).state_file
+        try:
+            api = json.loads(state.read_text())["procs"]["apiserver"]
+            alive = (
+                Path(f"/proc/{api['pid']}/cmdline")
+                .read_bytes()
+                .replace(b"\0", b" ")
+                .find(api["marker"].encode())
+                >= 0
+            )
+        except (OSError, KeyError, ValueError):
+            alive = False
+        if not alive:
+            subprocess.run(
+                [PYCILIUM, "lab", "down"],
+                env=dict(os.environ, PYCILIUM_LAB_NAME=name),
+                capture_output=True,
+                timeout=120,
+            )
+
+
 @pytest.fixture(scope="session")
 def lab() -> Iterator[Lab]:
     if os.geteuid() != 0:
         pytest.skip("the lab needs root")
+    remove_stale_labs()
     lab = Lab()
-    lab.run("down", check=False)  # a lab left over by an interrupted run
     try:
         t0 = time.monotonic()
         p = lab.run("up", "--nodes", "2", check=False, timeout=400)

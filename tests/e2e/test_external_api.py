@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Lab
+from tests.e2e.conftest import LAB_NAME, Lab
 
 pytestmark = pytest.mark.e2e
 
@@ -49,17 +49,16 @@ spec: {containers: [{name: c}]}
 
 @pytest.fixture
 def external() -> Iterator[tuple[Lab, str]]:
-    tmp = Path(tempfile.mkdtemp(prefix="pyc-e2e-ext-"))
+    tmp = Path(tempfile.mkdtemp(prefix="pyc-e2e-ext-kc-"))
     kc = tmp / "kubeconfig"
     server = subprocess.Popen([sys.executable, "-m", "pycilium.lab.apiserver", "--host", "127.0.0.1", "--port", "0",
                                "--graceful-pod-deletion", "--kubeconfig", str(kc)],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
     lab = Lab()
-    lab.env["PYCILIUM_LAB_NAME"] = "pyc-e2e-ext"
+    lab.env["PYCILIUM_LAB_NAME"] = f"{LAB_NAME}-ext"
     try:
         assert server.stdout is not None
         assert server.stdout.readline().startswith("http://127.0.0.1:")
-        lab.run("down", check=False)
         yield lab, str(kc)
     finally:
         lab.run("down", check=False, timeout=120)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.e2e.conftest import NODE_IPS, WORLD_IP, Lab
+from tests.e2e.conftest import LAB_NAME, NODE_IPS, WORLD_IP, Lab
 
 pytestmark = pytest.mark.e2e
 
@@ -85,7 +85,7 @@ def test_status_kubeconfig_apply_exec(lab: Lab) -> None:
     assert pods["solo"]["ip"] in lab.exec("cmds/solo", "ip", "-br", "addr").stdout
     assert WORLD_IP in lab.exec("world", "ip", "-br", "addr").stdout
     node1 = lab.exec("node1", "sh", "-c", "echo $PYCILIUM_BPF_ROOT; ls /sys/class/net").stdout.split()
-    assert node1[0] == "/sys/fs/bpf/pyc-e2e/node1" and "eth0" in node1
+    assert node1[0] == f"/sys/fs/bpf/{LAB_NAME}/node1" and "eth0" in node1
     assert lab.exec("node2", "pycilium", "status", "--brief", check=False).returncode == 0
     assert lab.exec("node3", "true", check=False).returncode == 2
     nodes_seen = lab.exec("node1", "kubectl", "get", "nodes", "-o", "name").stdout  # KUBECONFIG for inside

@@ -55,6 +55,9 @@ class AgentConfig(BaseModel):
         default="reject", alias="service-no-backend-response"
     )
     enable_ipv4_masquerade: bool = Field(default=True, alias="enable-ipv4-masquerade")
+    # Socket load-balancing for the node's own processes (cgroup connect4/sendmsg4/recvmsg4).
+    enable_socket_lb: bool = Field(default=True, alias="bpf-lb-sock")
+    cgroup_root: str = Field(default="", alias="cgroup-root")  # cgroup v2 mount; "" = the first one found
     snat_port_min: int = Field(default=32768, alias="bpf-snat-port-min", ge=1024, le=65535)
     snat_port_max: int = Field(default=65535, alias="bpf-snat-port-max", ge=1024, le=65535)
 

@@ -123,6 +123,14 @@ def detect_devices(config: AgentConfig) -> tuple[list[str], str]:
     return devices, str(node_ip)
 
 
+def netns_cookie() -> int:
+    """The cookie of this process's network namespace (SO_NETNS_COOKIE)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 71, 8), "little")
+
+
 def read_own_node(api: Any, node_name: str, stop: threading.Event, timeout: float = 300.0) -> dict[str, Any]:
     """This node's Node object; waits (with progress) until it exists and, if needed, has a PodCIDR."""
     from pycilium.agent.k8s.client import APIError, request_json
@@ -251,12 +259,32 @@ class Agent:
         from pycilium.agent.endpoint.netlink import set_sysctl_root
 
         set_sysctl_root(cfg.proc_sys_root)
+        if cfg.enable_socket_lb:
+            self._attach_socket_lb(defines)
         self._sysctl("net/ipv4/ip_forward", "1")
         for dev in ("all", *self.devices):
             self._sysctl(f"net/ipv4/conf/{dev}/rp_filter", "0")
         log.info(
             "datapath loaded", extra={"seconds": round(time.monotonic() - t0, 2), "pin_root": cfg.bpf_root}
         )
+
+    def _attach_socket_lb(self, defines: Any) -> None:
+        """cgroup connect4/sendmsg4/recvmsg4 for this node's own sockets (bpf/bpf_sock.c)."""
+        from dataclasses import replace
+
+        from pycilium.bpf import cgroup, loader
+
+        root = self.config.cgroup_root or cgroup.cgroup2_root()
+        if not root:
+            log.warning("no cgroup v2 mount: socket load-balancing for node processes is off")
+            return
+        values = dict(defines.values)
+        values["NETNS_COOKIE"] = netns_cookie()
+        self.sock = loader.compile_program("bpf_sock", replace(defines, values=values))
+        owner = cgroup.node_map_ids(self.config.bpf_root)
+        for fn, attach_type in cgroup.SOCK_HOOKS:
+            cgroup.attach(root, self.sock.fd(fn, loader.CGROUP_SOCK_ADDR, attach_type), attach_type, owner)
+        log.info("socket load-balancing attached", extra={"cgroup": root})
 
     @staticmethod
     def _sysctl(path: str, value: str) -> None:
@@ -400,7 +428,7 @@ class Agent:
             except Exception:
                 log.exception("error while stopping")
         self._closers.clear()
-        for prog in ("lxc", "host", "xdp"):
+        for prog in ("lxc", "host", "xdp", "sock"):
             p = getattr(self, prog, None)
             if p is not None:
                 p.close()

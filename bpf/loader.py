@@ -173,10 +173,15 @@ def open_pinned_maps(pin_root: str, sizes: Mapping[str, int]) -> dict[str, int]:
 
 
 def remove_pin_root(pin_root: str) -> None:
-    """Remove every pinned map of a node (used by `lab down` and clean-state)."""
+    """Remove every pinned map of a node (used by `lab down` and clean-state), after detaching the
+    node's socket load-balancing programs, which would otherwise keep serving from these maps."""
     root = Path(pin_root)
     if not root.exists():
         return
+    from pycilium.bpf.cgroup import detach_node_sock_programs
+
+    with contextlib.suppress(OSError):
+        detach_node_sock_programs(pin_root)
     for p in root.iterdir():
         with contextlib.suppress(FileNotFoundError, IsADirectoryError):
             p.unlink()
@@ -194,15 +199,15 @@ class LoadedProgram:
         self.name = name
         self._bpf = bpf
         self.map_fds = map_fds
-        self._fds: dict[tuple[str, int], int] = {}
+        self._fds: dict[tuple[str, int, int], int] = {}
 
-    def fd(self, function: str, prog_type: int = SCHED_CLS) -> int:
-        key = (function, prog_type)
+    def fd(self, function: str, prog_type: int = SCHED_CLS, attach_type: int = -1) -> int:
+        key = (function, prog_type, attach_type)
         if key in self._fds:
             return self._fds[key]
         with _capture_stderr() as err:
             try:
-                fn = self._bpf.load_func(function.encode(), prog_type)
+                fn = self._bpf.load_func(function.encode(), prog_type, None, attach_type)
             except Exception as e:
                 failed: Exception | None = e
             else:

@@ -31,7 +31,8 @@ def probe(host: str, port: int, proto: str = "tcp", timeout: float = 2.0, sport:
     except TimeoutError:
         return {"result": "timeout", "reply": ""}
     except OSError as e:
-        if e.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ECONNREFUSED):
+        # EPERM: a service without backends refused by socket load-balancing in connect()
+        if e.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ECONNREFUSED, errno.EPERM):
             return {"result": "refused", "reply": ""}
         raise
     finally:

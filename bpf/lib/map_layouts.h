@@ -122,6 +122,20 @@ struct lb4_maglev_chunk {
 	__u32 backend_ids[LB_MAGLEV_CHUNK];
 };
 
+/* Socket load-balancing (bpf_sock.c): UDP replies from a backend are shown to the application as
+ * coming from the service address. Key: socket cookie + backend; value: the frontend. */
+struct lb4_reverse_sk_key {
+	__u64 cookie;
+	__be32 address;
+	__be16 port;
+	__u16 pad;
+};
+struct lb4_reverse_sk {
+	__be32 address;
+	__be16 port;
+	__u16 rev_nat_index;
+};
+
 /* ---- conntrack and NAT ------------------------------------------------------------------------ */
 
 /* ct4_key.flags: which side created the entry */

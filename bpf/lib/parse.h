@@ -4,6 +4,7 @@
 #define PYCILIUM_PARSE_H
 
 #include "common.h"
+#include "events.h"
 
 #define IP_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))
 #define IP_SRC_OFF (ETH_HLEN + offsetof(struct iphdr, saddr))

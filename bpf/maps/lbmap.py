@@ -52,6 +52,14 @@ class U8Value(C.Structure):
     _fields_ = [("value", C.c_uint8)]
 
 
+class Lb4ReverseSkKey(C.Structure):
+    _fields_ = [("cookie", C.c_uint64), ("address", C.c_uint32), ("port", C.c_uint16), ("pad", C.c_uint16)]
+
+
+class Lb4ReverseSk(C.Structure):
+    _fields_ = [("address", C.c_uint32), ("port", C.c_uint16), ("rev_nat_index", C.c_uint16)]
+
+
 LB_MAGLEV_CHUNK = d("LB_MAGLEV_CHUNK")
 
 
@@ -75,3 +83,5 @@ AFFINITY_MATCH = MapSpec("lb_affinity_match", sc.MAP_TYPE_HASH, LbAffinityMatch,
 # 256 chunks per service at the default table size 16381: room for 1,024 Maglev frontends.
 MAGLEV = MapSpec("lb4_maglev", sc.MAP_TYPE_HASH, Lb4MaglevKey, Lb4MaglevChunk, "LB_MAGLEV_MAP_SIZE", 262144,
                  flags=sc.BPF_F_NO_PREALLOC)  # fmt: skip
+REVERSE_SK = MapSpec("lb4_reverse_sk", sc.MAP_TYPE_LRU_HASH, Lb4ReverseSkKey, Lb4ReverseSk, "LB_REVERSE_SK_MAP_SIZE",
+                     262144)  # fmt: skip

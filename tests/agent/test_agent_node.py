@@ -262,3 +262,10 @@ def test_metrics_export_datapath_counters(node: Node) -> None:
     assert 0 < lines['pycilium_bpf_map_pressure{map_name="ct4_global"}'] < 1
     assert 'pycilium_conntrack_evictions_estimated_total{map="ct4_global"}' in lines
     assert any(k.startswith("pycilium_services_sync_duration_seconds") for k in lines)
+
+
+def test_node_processes_reach_services_through_socket_lb(node: Node) -> None:
+    vip = _vip(node)
+    _wait_frontend(node, vip)
+    r = netns.run([sys.executable, "-c", LONG_CLIENT, vip, "80"], netns=node.ns, input="from-node\n")
+    assert r.stdout.strip() == "backend:from-node"

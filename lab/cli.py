@@ -44,8 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("up", help="create the lab (idempotent)")
-    p.add_argument("--nodes", type=int, default=2, help="number of nodes (default 2)")
-    p.add_argument("--kubeconfig", help="use this existing API server instead of the embedded one")
+    p.add_argument("--nodes", type=int, help="number of nodes (default: 2, or as many as the lab has)")
+    p.add_argument(
+        "--kubeconfig",
+        help="use this existing API server instead of the embedded one "
+        "(default: the embedded one, or the one the lab already uses)",
+    )
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for healthy agents")
     sub.add_parser("down", help="remove everything the lab created")
     p = sub.add_parser("status", help="show the lab")
@@ -103,7 +107,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         lab.up(nodes=args.nodes, kubeconfig=args.kubeconfig, timeout=args.timeout)
     except LabError as e:
         print(f"pycilium lab up: {e}", file=sys.stderr)
-        print("(what was created stays recorded: `pycilium lab down` removes it)", file=sys.stderr)
+        if lab.exists and not lab.state.complete:
+            print("(what was created stays recorded: `pycilium lab down` removes it)", file=sys.stderr)
         return 1
     print(f"lab is up: {len(lab.state.nodes)} node(s); world {WORLD_IP} (TCP/UDP {WORLD_PORT})")
     print(f"  kubectl --kubeconfig {lab.host_kubeconfig()} get nodes")

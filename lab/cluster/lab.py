@@ -368,20 +368,25 @@ class Lab:
     # -- up ------------------------------------------------------------------------------------------
     def up(
         self,
-        nodes: int = 2,
+        nodes: int | None = None,
         kubeconfig: str | None = None,
         timeout: float = 300.0,
         say: Callable[[str], None] = progress,
     ) -> None:
-        if not 1 <= nodes <= MAX_NODES:
-            raise LabError(f"--nodes must be between 1 and {MAX_NODES}")
+        """Create what is missing. Without `nodes`/`kubeconfig`, a lab that exists keeps its size and
+        API server (2 nodes and the embedded server for a new one)."""
         if os.geteuid() != 0:
             raise LabError("the lab needs root (network namespaces, BPF)")
-        ext = str(Path(kubeconfig).resolve()) if kubeconfig else None
-        if ext and not os.path.exists(ext):
-            raise LabError(f"kubeconfig {kubeconfig} does not exist")
         st = self.state
-        if self.exists and st.external_kubeconfig != ext and (st.procs or st.netns):
+        running = self.exists and bool(st.procs or st.netns)
+        if nodes is None:
+            nodes = max(len(st.nodes), 1) if running and st.nodes else 2
+        if not 1 <= nodes <= MAX_NODES:
+            raise LabError(f"--nodes must be between 1 and {MAX_NODES}")
+        ext = str(Path(kubeconfig).resolve()) if kubeconfig else (st.external_kubeconfig if running else None)
+        if ext and not os.path.exists(ext):
+            raise LabError(f"kubeconfig {ext} does not exist")
+        if running and st.external_kubeconfig != ext:
             have = st.external_kubeconfig or "the embedded API server"
             raise LabError(f"the lab is up with {have}; run `pycilium lab down` first")
         if len(st.nodes) > nodes:

@@ -74,9 +74,13 @@ def test_lab_on_an_existing_api_server(external: tuple[Lab, str]) -> None:
     t0 = time.monotonic()
     lab.run("up", "--nodes", "1", "--kubeconfig", kc, timeout=300)
     assert lab.run("kubeconfig").stdout.strip() == kc
-    # `up` is idempotent, and refuses to switch API servers under a running lab
+    # `up` is idempotent (and keeps the lab's API server), and refuses to switch API servers under it
     lab.run("up", "--nodes", "1", "--kubeconfig", kc, timeout=60)
-    assert lab.run("up", "--nodes", "1", check=False).returncode == 1
+    lab.run("up", timeout=60)
+    assert lab.run("kubeconfig").stdout.strip() == kc
+    other = Path(kc).with_name("other")
+    other.write_text(Path(kc).read_text())
+    assert lab.run("up", "--kubeconfig", str(other), check=False).returncode == 1
     lab.apply(APP)
     vip = lab.cluster_ip("ext/web")
     results = lab.probe("ext/client", f"{vip}:80", count=10)

@@ -20,7 +20,8 @@ deletion is completed with gracePeriodSeconds=0.
 
 What runs is recorded in `<state-dir>/kubelet.json`, so a restarted kubelet adopts its pods (and
 restarts a dead pod server) instead of recreating them, and `lab down` can find every namespace
-and process even when the kubelet is gone. SIGTERM stops the kubelet and leaves the pods running.
+and process even when the kubelet is gone. Every pod is looked at again every 10 s besides its
+watch events, so a pod server that died is restarted. SIGTERM stops the kubelet and leaves the pods running.
 
     python -m pycilium.lab.kubelet --node NODE --kubeconfig KC --node-ip IP --cni-conf-dir DIR
         --cni-bin-dir DIR --state-dir DIR --netns-prefix PREFIX [--drain-seconds S]
@@ -296,6 +297,7 @@ class Kubelet:
         netns_prefix: str,
         workers: int = 4,
         drain_seconds: float = 1.0,
+        resync: float = 10.0,
     ) -> None:
         self.kube = kube
         self.node = node
@@ -305,6 +307,7 @@ class Kubelet:
         self.state_dir = Path(state_dir)
         self.netns_prefix = netns_prefix
         self.drain_seconds = drain_seconds
+        self.resync = resync
         self._terminating: dict[str, float] = {}
         self.state_file = self.state_dir / "kubelet.json"
         self.log_dir = self.state_dir / "pods"
@@ -376,7 +379,16 @@ class Kubelet:
             t = threading.Thread(target=self._work, name=f"kubelet-worker-{i}", daemon=True)
             t.start()
             self._threads.append(t)
+        t = threading.Thread(target=self._resync, name="kubelet-resync", daemon=True)
+        t.start()
+        self._threads.append(t)
         log.info("kubelet for %s started (%d pods adopted)", self.node, len(self.runtimes))
+
+    def _resync(self) -> None:
+        """Every `resync` seconds look at every pod again (a pod server that died is restarted)."""
+        while not self.stop_event.wait(self.resync):
+            for uid in set(self.runtimes) | {self._uid(p) for p in self.pods.objects()}:
+                self.enqueue(uid)
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -450,6 +462,11 @@ class Kubelet:
         if rt is None:
             if phase in ("Succeeded", "Failed"):
                 return
+            self.setup(pod)
+            return
+        if not rt.ip or not netns_exists(rt.netns):  # a setup interrupted by a kubelet restart
+            log.info("pod %s/%s: incomplete setup found; starting it again", rt.namespace, rt.name)
+            self.teardown(rt)
             self.setup(pod)
             return
         # adopted or already running: restart a dead server, repair a status that lost our IP

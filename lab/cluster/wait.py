@@ -4,7 +4,10 @@
 - a pod: its node's `endpoints` map has its IP, and every node's `ipcache` knows its IP with an
   identity;
 - a Service: on every node, the `lb4_services` frontend of each ClusterIP port has as many active
-  backends as the Service's EndpointSlices have ready endpoints for that port.
+  backends as the Service's EndpointSlices have ready endpoints for that port;
+- a NetworkPolicy: every running pod it selects enforces policy in the policy's directions
+  (EP_F_POLICY_INGRESS / EP_F_POLICY_EGRESS in its node's `endpoints` map). This shows the policy
+  reached the datapath; it cannot tell a later change of rules of an already enforced pod.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pycilium.lab.cluster.kube import DEPLOYMENT, ENDPOINTSLICE, POD, SERVICE, Kube, Obj
-from pycilium.lab.manifests import pod_ready, short_hash
+from pycilium.lab.cluster.kube import DEPLOYMENT, ENDPOINTSLICE, NETWORKPOLICY, POD, SERVICE, Kube, Obj
+from pycilium.lab.manifests import match_label_selector, pod_ready, short_hash
 
 PROTO = {"TCP": 6, "UDP": 17, "SCTP": 132}
 
@@ -25,6 +28,7 @@ class Targets:
     pods: list[tuple[str, str]] = field(default_factory=list)
     deployments: list[tuple[str, str]] = field(default_factory=list)
     services: list[tuple[str, str]] = field(default_factory=list)
+    policies: list[tuple[str, str]] = field(default_factory=list)
 
     @classmethod
     def of(cls, objs: list[Obj]) -> Targets:
@@ -39,6 +43,8 @@ class Targets:
                 t.deployments.append(key)
             elif kind == "Service":
                 t.services.append(key)
+            elif kind == "NetworkPolicy":
+                t.policies.append(key)
         return t
 
 
@@ -105,6 +111,13 @@ class MapReader:
 
         return self._lookup(self.roots[node], "endpoints", EndpointKey(ip_to_be32(ip))) is not None
 
+    def endpoint_flags(self, node: str, ip: str) -> int | None:
+        from pycilium.bpf.maps.endpointmap import EndpointKey
+        from pycilium.bpf.maps.util import ip_to_be32
+
+        v = self._lookup(self.roots[node], "endpoints", EndpointKey(ip_to_be32(ip)))
+        return None if v is None else int(v.flags)
+
     def ipcache_identity(self, node: str, ip: str) -> int | None:
         from pycilium.bpf.maps.ipcache import IpcacheKey
         from pycilium.bpf.maps.util import ip_to_be32
@@ -169,6 +182,37 @@ def programmed_service(kube: Kube, maps: MapReader, ns: str, name: str) -> str:
     return ""
 
 
+EP_F_POLICY_INGRESS, EP_F_POLICY_EGRESS = 0x2, 0x4  # bpf/lib/map_layouts.h
+
+
+def policy_types(spec: Obj) -> list[str]:
+    """spec.policyTypes, or its default: Ingress, plus Egress when there are egress rules."""
+    if spec.get("policyTypes"):
+        return list(spec["policyTypes"])
+    return ["Ingress", *(["Egress"] if spec.get("egress") else [])]
+
+
+def programmed_policy(kube: Kube, maps: MapReader, ns: str, name: str) -> str:
+    pol = kube.get(NETWORKPOLICY, name, ns)
+    if pol is None:
+        return f"networkpolicy {ns}/{name} not found"
+    spec = pol.get("spec") or {}
+    want = 0
+    for t in policy_types(spec):
+        want |= EP_F_POLICY_INGRESS if t == "Ingress" else EP_F_POLICY_EGRESS if t == "Egress" else 0
+    for pod in kube.list(POD, ns):
+        st, pspec = pod.get("status") or {}, pod.get("spec") or {}
+        node, ip = str(pspec.get("nodeName") or ""), str(st.get("podIP") or "")
+        if not ip or node not in maps.roots or st.get("phase") != "Running":
+            continue
+        if not match_label_selector(spec.get("podSelector"), _meta(pod).get("labels")):
+            continue
+        flags = maps.endpoint_flags(node, ip)
+        if flags is None or flags & want != want:
+            return f"networkpolicy {ns}/{name}: pod {_meta(pod).get('name')} not enforcing it yet on {node}"
+    return ""
+
+
 def wait(
     kube: Kube, targets: Targets, node_roots: dict[str, str], timeout: float, say: Callable[[str], None]
 ) -> bool:
@@ -213,6 +257,10 @@ def _pending(kube: Kube, targets: Targets, maps: MapReader) -> str:
             return why
     for ns, name in targets.services:
         why = programmed_service(kube, maps, ns, name)
+        if why:
+            return why
+    for ns, name in targets.policies:
+        why = programmed_policy(kube, maps, ns, name)
         if why:
             return why
     return ""

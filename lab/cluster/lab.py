@@ -419,20 +419,18 @@ class Lab:
         self._save()
         say(f"up in {time.monotonic() - t0:.1f}s; kubeconfig: {ext or self.paths.kubeconfig}")
 
-    def _add_netns(self, name: str) -> bool:
-        if netns.netns_exists(name):
-            if name not in self.state.netns:
-                self.state.netns.append(name)
-            return False
-        netns.ip("netns", "add", name)
-        self.state.netns.append(name)
-        self._save()
+    def _add_netns(self, name: str) -> None:
+        if not netns.netns_exists(name):
+            netns.ip("netns", "add", name)
+        if name not in self.state.netns:
+            self.state.netns.append(name)
+            self._save()
         netns.ip("link", "set", "lo", "up", netns=name)
-        return True
 
     def _network(self, nodes: int) -> None:
         ul = self.paths.netns("underlay")
-        if self._add_netns(ul):
+        self._add_netns(ul)
+        if not _has_link(ul, "br0"):
             netns.ip("link", "add", "br0", "type", "bridge", netns=ul)
             netns.ip("addr", "add", f"{BRIDGE_IP}/24", "dev", "br0", netns=ul)
             netns.ip("link", "set", "br0", "up", netns=ul)
@@ -445,8 +443,10 @@ class Lab:
             ends.append((ns, f"n{i}", node_ip(i)))
         self._save()
         for ns, port, ip in ends:
-            if not self._add_netns(ns):
+            self._add_netns(ns)
+            if _has_link(ns, "eth0"):
                 continue
+            netns.ip("link", "del", port, netns=ul, check=False)  # a half-created pair
             # created directly in the two namespaces: nothing ever appears in the host's
             netns.ip("link", "add", port, "netns", ul, "type", "veth", "peer", "name", "eth0", "netns", ns)
             netns.ip("link", "set", port, "master", "br0", "up", netns=ul)
@@ -769,6 +769,10 @@ class Lab:
     # -- queries -------------------------------------------------------------------------------------
     def agent_health(self) -> dict[str, bool]:
         return {n.name: agent_healthy(n.netns, timeout=0.5) for n in self.state.nodes}
+
+
+def _has_link(ns: str, dev: str) -> bool:
+    return netns.ip("link", "show", "dev", dev, netns=ns, check=False).returncode == 0
 
 
 def remove_tree(root: Path) -> None:

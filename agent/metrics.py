@@ -58,6 +58,8 @@ class DatapathCollector(Collector):
             with PinnedMap(BY_NAME["metrics"], self.bpf_root) as m:
                 for k, vs in m.items_percpu():
                     count, nbytes = sum(v.count for v in vs), sum(v.bytes for v in vs)
+                    if not count:
+                        continue  # an unused slot of the per-CPU array
                     direction = DIRECTIONS.get(k.dir, str(k.dir))
                     if k.reason == 0:
                         fwd.add_metric([direction], count)

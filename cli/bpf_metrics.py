@@ -32,6 +32,8 @@ def _rows(bpf_root: str) -> list[dict[str, Any]]:
             raise bpf_error(e, f"reading {METRICS_MAP}") from None
     out = []
     for k, per_cpu in items:
+        if not any(v.count for v in per_cpu):
+            continue  # an unused slot of the per-CPU array
         out.append({
             "reason": k.reason,
             "reason_text": reason_text(k.reason),

@@ -285,10 +285,13 @@ struct prefilter_value {
 #define METRIC_DIR_CT_TCP 4 /* REASON_CT_CREATED: entries created in ct4_global */
 #define METRIC_DIR_CT_ANY 5 /* REASON_CT_CREATED: entries created in ct_any4_global */
 
+/* The metrics map is a per-CPU array: the key, read as a little-endian u32, is the index
+ * reason | dir << 8 (2048 slots), so counting a packet is one array access. */
+#define METRICS_SLOTS 2048
 struct metrics_key {
 	__u8 reason; /* 0: forwarded, else a DROP_* code */
-	__u8 dir;    /* METRIC_DIR_* */
-	__u16 pad[3];
+	__u8 dir;    /* METRIC_DIR_* (0..7) */
+	__u16 pad;
 };
 
 struct metrics_value {

@@ -7,20 +7,12 @@
 
 static __always_inline void update_metrics(__u32 bytes, __u8 reason, __u8 dir)
 {
-	struct metrics_key key = {};
-	struct metrics_value *v;
+	__u32 idx = (__u32)reason | ((__u32)(dir & 7) << 8);
+	struct metrics_value *v = map_lookup(metrics, &idx);
 
-	key.reason = reason;
-	key.dir = dir;
-	v = map_lookup(metrics, &key);
-	if (likely(v)) {
-		v->count += 1; /* per-CPU slot: no atomics needed */
+	if (likely(v)) { /* this CPU's slot: no atomics needed */
+		v->count += 1;
 		v->bytes += bytes;
-	} else {
-		struct metrics_value init = {};
-		init.count = 1;
-		init.bytes = bytes;
-		map_update(metrics, &key, &init, BPF_NOEXIST);
 	}
 }
 

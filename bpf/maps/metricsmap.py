@@ -9,11 +9,13 @@ from pycilium.bpf.maps.pinned import MapSpec
 
 
 class MetricsKey(C.Structure):
-    _fields_ = [("reason", C.c_uint8), ("dir", C.c_uint8), ("pad", C.c_uint16 * 3)]
+    """Read as a little-endian u32, the key is the array index reason | dir << 8."""
+
+    _fields_ = [("reason", C.c_uint8), ("dir", C.c_uint8), ("pad", C.c_uint16)]
 
 
 class MetricsValue(C.Structure):
     _fields_ = [("count", C.c_uint64), ("bytes", C.c_uint64)]
 
 
-METRICS = MapSpec("metrics", sc.MAP_TYPE_PERCPU_HASH, MetricsKey, MetricsValue, "METRICS_MAP_SIZE", 1024)
+METRICS = MapSpec("metrics", sc.MAP_TYPE_PERCPU_ARRAY, MetricsKey, MetricsValue, "METRICS_MAP_SIZE", 2048)

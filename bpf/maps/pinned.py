@@ -162,4 +162,9 @@ class PinnedMap(Generic[K, V]):
         return sum(1 for _ in sc.map_items(self.fd, self.info))
 
     def clear(self) -> int:
+        if self.info.type in (sc.MAP_TYPE_ARRAY, sc.MAP_TYPE_PERCPU_ARRAY):  # elements cannot be deleted
+            zero = self.spec.value()
+            keys = list(self.keys())
+            self.update_batch((k, zero) for k in keys)
+            return len(keys)
         return self.delete_batch(list(self.keys()))

@@ -762,6 +762,7 @@ class Lab:
             say(f"removing {len(todo)} network namespace(s)")
         for ns in todo:
             delete_netns(ns)
+        detach_sock_programs(paths.bpf_root)
         remove_tree(paths.bpf_root)
         shutil.rmtree(paths.root, ignore_errors=True)
         self.state = LabState(paths.instance)
@@ -769,6 +770,19 @@ class Lab:
     # -- queries -------------------------------------------------------------------------------------
     def agent_health(self) -> dict[str, bool]:
         return {n.name: agent_healthy(n.netns, timeout=0.5) for n in self.state.nodes}
+
+
+def detach_sock_programs(bpf_root: Path) -> None:
+    """Detach each node's socket load-balancing programs from the cgroup v2 root. The agent leaves
+    them attached when it stops (like its TC programs), but these are attached host-wide: without
+    this they would outlive the node, holding its maps, after the pins are gone."""
+    if not bpf_root.is_dir():
+        return
+    from pycilium.bpf.cgroup import detach_node_sock_programs
+
+    for node_root in sorted(p for p in bpf_root.iterdir() if p.is_dir()):
+        with contextlib.suppress(OSError):
+            detach_node_sock_programs(str(node_root))
 
 
 def _has_link(ns: str, dev: str) -> bool:

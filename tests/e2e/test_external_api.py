@@ -5,6 +5,7 @@ node namespaces reach through the lab's proxy in the underlay)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,36 @@ kind: Pod
 metadata: {name: client, namespace: ext}
 spec: {containers: [{name: c}]}
 """
+
+
+def sock_programs_of(pin_root: str | None) -> set[int]:
+    """Ids of the socket LB programs attached to the cgroup v2 root (only those using the maps pinned
+    under `pin_root`, when given)."""
+    from pycilium.bpf import cgroup
+
+    root = cgroup.cgroup2_root()
+    if root is None:
+        return set()
+    owner = cgroup.node_map_ids(pin_root) if pin_root else set()
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    out: set[int] = set()
+    try:
+        for _fn, at in cgroup.SOCK_HOOKS:
+            for prog_id in cgroup.attached_programs(fd, at):
+                if not pin_root:
+                    out.add(prog_id)
+                    continue
+                pfd = cgroup._prog_fd_by_id(prog_id)
+                if pfd is None:
+                    continue
+                try:
+                    if owner & set(cgroup._prog_info(pfd)[1]):
+                        out.add(prog_id)
+                finally:
+                    os.close(pfd)
+    finally:
+        os.close(fd)
+    return out
 
 
 @pytest.fixture
@@ -90,7 +121,13 @@ def test_lab_on_an_existing_api_server(external: tuple[Lab, str]) -> None:
     assert [n["metadata"]["name"] for n in nodes["items"]] == ["node1"]
     assert lab.get("pod", "client", "ext")["status"]["hostIP"] == "192.168.200.11"
     lab.delete(APP)  # graceful deletion on this server: the kubelet completes it
+    ours = sock_programs_of(f"/sys/fs/bpf/{lab.env['PYCILIUM_LAB_NAME']}/node1")
+    from pycilium.bpf.cgroup import cgroup2_root
+
+    assert ours or cgroup2_root() is None  # the agent attached its socket LB (there is a cgroup v2)
     lab.run("down")
+    # the agent's host-wide socket LB programs do not outlive the node
+    assert not ours & sock_programs_of(None), "cgroup programs of the removed node still attached"
     nodes = json.loads(subprocess.run(["kubectl", "--kubeconfig", kc, "get", "nodes", "-o", "json"],
                                       capture_output=True, text=True, check=True).stdout)  # fmt: skip
     assert nodes["items"] == []  # the lab's Node objects are removed from a server it does not own

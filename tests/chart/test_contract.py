@@ -321,7 +321,8 @@ def test_agent_mounts_match_config_paths(rendered: tuple[list[Obj], dict[str, An
     assert host_path_of(objects, agent, net_sysctls) == "/proc/sys/net"
     assert not covering_mount(agent, net_sysctls).get("readOnly")  # type: ignore[union-attr]
 
-    # cgroup2 root for socket load-balancing.
+    # cgroup2 root for socket load-balancing: mounted where the agent's cgroup-root points.
+    assert cfg.cgroup_root == values["cgroup"]["hostRoot"]
     cg = covering_mount(agent, values["cgroup"]["hostRoot"])
     assert cg is not None and cg["mountPath"] == values["cgroup"]["hostRoot"]
     assert cg.get("mountPropagation") == "HostToContainer"

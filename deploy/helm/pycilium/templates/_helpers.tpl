@@ -136,6 +136,7 @@ Integers go through int64 so that large values never render as 1e+06.
 {{- $_ := set $c "bpf-root" (include "pycilium.bpfStateDir" .) -}}
 {{- $_ := set $c "state-dir" (include "pycilium.stateDir" .) -}}
 {{- $_ := set $c "proc-sys-root" "/host/proc/sys" -}}
+{{- $_ := set $c "cgroup-root" .Values.cgroup.hostRoot -}}
 {{- $_ := set $c "cni-conf-dir" (include "pycilium.hostCniConfDir" .) -}}
 {{- $_ := set $c "cni-conf-name" .Values.cni.confFileName -}}
 {{- $_ := set $c "cni-log-file" .Values.cni.logFile -}}

@@ -18,15 +18,6 @@
 #include "nat.h"
 #include "icmp_reject.h"
 
-#ifndef NODE_IP
-#define NODE_IP 0
-#endif
-#ifndef NODEPORT_MIN
-#define NODEPORT_MIN 30000
-#endif
-#ifndef NODEPORT_MAX
-#define NODEPORT_MAX 32767
-#endif
 /* Pod CIDR of this node (masquerade sources) and the native-routing CIDR (never masqueraded). */
 #ifndef POD_CIDR_ADDR
 #define POD_CIDR_ADDR 0
@@ -88,15 +79,7 @@ static __always_inline int rev_nat_to_frontend(struct __sk_buff *skb, struct pkt
 
 static __always_inline struct ct_entry *nodeport_ct_lookup(const struct pkt4 *reply)
 {
-	struct ct4_key k = {};
-
-	k.saddr = reply->daddr;
-	k.daddr = reply->saddr;
-	k.sport = reply->dport;
-	k.dport = reply->sport;
-	k.nexthdr = reply->proto;
-	k.flags = CT_DIR_NODEPORT;
-	return bpf_map_lookup_elem(ct_map(reply->proto), &k);
+	return ct_get(reply, 1, CT_DIR_NODEPORT);
 }
 
 int from_netdev(struct __sk_buff *skb)
@@ -181,15 +164,7 @@ int from_netdev(struct __sk_buff *skb)
 			return DROP(skb, skb->len, DROP_NO_LOCAL_BACKEND, METRIC_DIR_SERVICE, &fi, ifindex, TC_ACT_SHOT);
 		/* remember the translated tuple so replies get the frontend back */
 		{
-			struct ct4_key k = {};
-			struct ct_entry *e;
-			k.saddr = p.saddr;
-			k.daddr = p.daddr;
-			k.sport = p.sport;
-			k.dport = p.dport;
-			k.nexthdr = p.proto;
-			k.flags = CT_DIR_NODEPORT;
-			e = bpf_map_lookup_elem(ct_map(p.proto), &k);
+			struct ct_entry *e = ct_get(&p, 0, CT_DIR_NODEPORT);
 			if (e) {
 				ct_refresh(e, &p, 0);
 				e->rev_nat_index = rev_nat;

@@ -18,9 +18,6 @@
 #include "policy.h"
 #include "icmp_reject.h"
 
-#ifndef NODE_IP
-#define NODE_IP 0
-#endif
 #ifndef IPV4_LOOPBACK /* 169.254.42.1: source of hairpinned service traffic (a pod reaching itself) */
 #define IPV4_LOOPBACK 0x012afea9
 #endif
@@ -164,16 +161,8 @@ int from_container(struct __sk_buff *skb)
 
 	if (ct_state == CT_NEW && p.daddr == IPV4_LOOPBACK) {
 		/* Reply of a hairpinned connection: restore frontend and client, hand it back to the pod. */
-		struct ct4_key k = {};
-		struct ct_entry *orig;
+		struct ct_entry *orig = ct_get(&p, 1, CT_DIR_OUT);
 
-		k.saddr = p.daddr;
-		k.daddr = p.saddr;
-		k.sport = p.dport;
-		k.dport = p.sport;
-		k.nexthdr = p.proto;
-		k.flags = CT_DIR_OUT;
-		orig = bpf_map_lookup_elem(ct_map(p.proto), &k);
 		if (!orig || !(orig->flags & CT_F_LB_LOOPBACK))
 			return DROP(skb, skb->len, DROP_UNROUTABLE, METRIC_DIR_EGRESS, &fi, ifindex, TC_ACT_SHOT);
 		ct_refresh(orig, &p, 1);

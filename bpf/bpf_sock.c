@@ -16,15 +16,6 @@
 #ifndef NETNS_COOKIE
 #define NETNS_COOKIE 0
 #endif
-#ifndef NODE_IP
-#define NODE_IP 0
-#endif
-#ifndef NODEPORT_MIN
-#define NODEPORT_MIN 30000
-#endif
-#ifndef NODEPORT_MAX
-#define NODEPORT_MAX 32767
-#endif
 
 static __always_inline int own_netns(struct bpf_sock_addr *ctx)
 {

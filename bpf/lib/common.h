@@ -20,6 +20,17 @@
 #define likely(x) __builtin_expect(!!(x), 1)
 #define unlikely(x) __builtin_expect(!!(x), 0)
 
+/* Node settings compiled in by the loader (bpf/node_defines.py); defaults for tests. */
+#ifndef NODE_IP
+#define NODE_IP 0
+#endif
+#ifndef NODEPORT_MIN
+#define NODEPORT_MIN 30000
+#endif
+#ifndef NODEPORT_MAX
+#define NODEPORT_MAX 32767
+#endif
+
 /* Source file ids for drop events (printed by `pycilium monitor` as file:line). */
 #define FILE_LXC 1
 #define FILE_HOST 2

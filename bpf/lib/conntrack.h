@@ -34,6 +34,25 @@ static __always_inline void *ct_map(__u8 proto)
 	return MAP(ct_any4_global);
 }
 
+/* The key of `p`'s tuple (or of the reply direction's) in scope `flags` (CT_DIR_*). */
+static __always_inline void ct_key_of(const struct pkt4 *p, int reverse, __u8 flags, struct ct4_key *k)
+{
+	k->saddr = reverse ? p->daddr : p->saddr;
+	k->daddr = reverse ? p->saddr : p->daddr;
+	k->sport = reverse ? p->dport : p->sport;
+	k->dport = reverse ? p->sport : p->dport;
+	k->nexthdr = p->proto;
+	k->flags = flags;
+}
+
+static __always_inline struct ct_entry *ct_get(const struct pkt4 *p, int reverse, __u8 flags)
+{
+	struct ct4_key k = {};
+
+	ct_key_of(p, reverse, flags, &k);
+	return bpf_map_lookup_elem(ct_map(p->proto), &k);
+}
+
 /* Refresh lifetime, flags and (with `count`) counters of an entry for a packet in one direction.
  * Fields are only written when they change, to keep the entry's cache line clean on the hot path. */
 static __always_inline void ct_refresh_opt(struct ct_entry *e, const struct pkt4 *p, int reply, int count)
@@ -87,17 +106,8 @@ static __always_inline void ct_refresh_opt(struct ct_entry *e, const struct pkt4
  * Returns the entry (or NULL for a new connection) and the state in *state. */
 static __always_inline struct ct_entry *ct_lookup4(const struct pkt4 *p, int dir, __u8 *state)
 {
-	void *map = ct_map(p->proto);
-	struct ct4_key k = {};
-	struct ct_entry *e;
+	struct ct_entry *e = ct_get(p, 0, dir == CT_INGRESS ? CT_DIR_IN : CT_DIR_OUT);
 
-	k.saddr = p->saddr;
-	k.daddr = p->daddr;
-	k.sport = p->sport;
-	k.dport = p->dport;
-	k.nexthdr = p->proto;
-	k.flags = dir == CT_INGRESS ? CT_DIR_IN : CT_DIR_OUT;
-	e = bpf_map_lookup_elem(map, &k);
 	if (e) {
 		/* A fresh SYN on a closed connection, or any packet on an expired entry, opens a new
 		 * connection on the old tuple: the caller rechecks policy and overwrites the entry's
@@ -117,12 +127,7 @@ static __always_inline struct ct_entry *ct_lookup4(const struct pkt4 *p, int dir
 		ct_refresh(e, p, 0);
 		return e;
 	}
-	k.saddr = p->daddr;
-	k.daddr = p->saddr;
-	k.sport = p->dport;
-	k.dport = p->sport;
-	k.flags = dir == CT_INGRESS ? CT_DIR_OUT : CT_DIR_IN;
-	e = bpf_map_lookup_elem(map, &k);
+	e = ct_get(p, 1, dir == CT_INGRESS ? CT_DIR_OUT : CT_DIR_IN);
 	if (e) {
 		*state = CT_REPLY;
 		ct_refresh(e, p, 1);
@@ -139,12 +144,7 @@ static __always_inline int ct_create4(const struct pkt4 *p, __u8 key_flags, __u1
 	struct ct4_key k = {};
 	struct ct_entry e = {};
 
-	k.saddr = p->saddr;
-	k.daddr = p->daddr;
-	k.sport = p->sport;
-	k.dport = p->dport;
-	k.nexthdr = p->proto;
-	k.flags = key_flags;
+	ct_key_of(p, 0, key_flags, &k);
 	e.rev_nat_index = rev_nat_index;
 	e.backend_id = backend_id;
 	e.src_sec_id = src_sec_id;

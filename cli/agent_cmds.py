@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pycilium.cli.agent_client import AgentClient, to_dict
@@ -32,17 +32,22 @@ def service_rows(services: Sequence[Any]) -> list[list[str]]:
     return rows
 
 
+def _show_list(args: argparse.Namespace, items: Sequence[Any], rows: Callable[[Any], list[list[str]]],
+               empty: str) -> int:  # fmt: skip
+    """A list command's output: JSON sorted by id, a message when empty, else the table."""
+    if args.output == "json":
+        print_json([to_dict(x) for x in sorted(items, key=lambda x: x.id)])
+    elif not items:
+        print(empty)
+    else:
+        print_table(rows(items))
+    return 0
+
+
 def cmd_service_list(args: argparse.Namespace) -> int:
     with _client(args) as c:
         services = c.list_services()
-    if args.output == "json":
-        print_json([to_dict(s) for s in sorted(services, key=lambda s: s.id)])
-        return 0
-    if not services:
-        print("No services found.")
-        return 0
-    print_table(service_rows(services))
-    return 0
+    return _show_list(args, services, service_rows, "No services found.")
 
 
 # ---- endpoints ----------------------------------------------------------------------------------
@@ -69,14 +74,7 @@ def endpoint_rows(endpoints: Sequence[Any]) -> list[list[str]]:
 def cmd_endpoint_list(args: argparse.Namespace) -> int:
     with _client(args) as c:
         endpoints = c.list_endpoints()
-    if args.output == "json":
-        print_json([to_dict(e) for e in sorted(endpoints, key=lambda e: e.id)])
-        return 0
-    if not endpoints:
-        print("No endpoints found.")
-        return 0
-    print_table(endpoint_rows(endpoints))
-    return 0
+    return _show_list(args, endpoints, endpoint_rows, "No endpoints found.")
 
 
 def cmd_endpoint_get(args: argparse.Namespace) -> int:
@@ -128,14 +126,7 @@ def identity_rows(identities: Sequence[Any]) -> list[list[str]]:
 def cmd_identity_list(args: argparse.Namespace) -> int:
     with _client(args) as c:
         identities = c.list_identities()
-    if args.output == "json":
-        print_json([to_dict(i) for i in sorted(identities, key=lambda i: i.id)])
-        return 0
-    if not identities:
-        print("No identities found.")
-        return 0
-    print_table(identity_rows(identities))
-    return 0
+    return _show_list(args, identities, identity_rows, "No identities found.")
 
 
 def cmd_identity_get(args: argparse.Namespace) -> int:

@@ -27,7 +27,7 @@
  *  Removal runs in reverse: frontend first, then slots beyond the new count, then unused backends. */
 
 #define LB_SCOPE_EXT 0 /* north-south, and east-west unless the service has two scopes */
-#define LB_SCOPE_INT 1 /* east-west when internal and external traffic policies differ */
+#define LB_SCOPE_INT 1 /* reserved (Cilium's two-scope layout): traffic policies use local_count */
 
 /* lb4_service.flags */
 #define SVC_FLAG_EXTERNAL_IP 0x01
@@ -40,7 +40,7 @@
 #define SVC_FLAG_CLUSTERIP 0x80
 /* lb4_service.flags2 */
 #define SVC_FLAG2_INT_LOCAL_SCOPE 0x01 /* internalTrafficPolicy=Local */
-#define SVC_FLAG2_TWO_SCOPES 0x02
+#define SVC_FLAG2_TWO_SCOPES 0x02 /* reserved, see LB_SCOPE_INT; only decoded by the CLI */
 #define SVC_FLAG2_MAGLEV 0x04
 
 /* lb4_backend.flags: backend state */

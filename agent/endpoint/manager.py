@@ -665,8 +665,13 @@ class EndpointManager:
 
     def _restore_one(self, ipr: IPRoute, ep: Endpoint) -> bool:
         link = nl.link_info(ipr, ep.host_ifname)
-        if link is None or link.kind != "veth":
-            log.info("endpoint's veth is gone: cleaning up", extra={"endpoint": ep.id, "pod": ep.pod})
+        netns_gone = _netns_gone(ep.netns)
+        if link is None or link.kind != "veth" or netns_gone:
+            reason = "netns" if netns_gone else "veth"
+            log.info(f"endpoint's {reason} is gone: cleaning up", extra={"endpoint": ep.id, "pod": ep.pod})
+            if link is not None and link.kind == "veth":
+                # the kernel tears a deleted netns down asynchronously: do not wait for it
+                nl.delete_link(ipr, ep.host_ifname)
             if self.ipam.lookup(ep.owner) == ep.ipv4:
                 self.ipam.release(ep.owner)
             cur = self.endpoints_map.lookup(ep.ipv4)
@@ -693,6 +698,19 @@ class EndpointManager:
             self._by_owner[ep.owner] = ep.id
             self._last_id = max(self._last_id, ep.id)
         return True
+
+
+def _netns_gone(path: str) -> bool:
+    """True when the pod's netns path is missing while its directory is visible to the agent.
+
+    A runtime's pinned netns (``/var/run/netns/cni-...``) disappears when the sandbox goes away.
+    Paths whose directory the agent cannot see (``/proc/<pid>/ns/net`` of another PID namespace,
+    a runtime directory not mounted into the agent's container) prove nothing and are not trusted.
+    """
+    if not path or path.startswith("/proc/"):
+        return False
+    p = Path(path)
+    return p.parent.is_dir() and not p.exists()
 
 
 def _is_netns(fd: int) -> bool:

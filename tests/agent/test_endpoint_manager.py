@@ -209,3 +209,14 @@ def test_bpf_lxc_datapath(pin_root: str) -> None:
             n.close()
     finally:
         prog.close()
+
+
+def test_only_a_visibly_missing_netns_counts_as_gone(tmp_path: Path) -> None:
+    from pycilium.agent.endpoint.manager import _netns_gone
+
+    (tmp_path / "present").touch()
+    assert _netns_gone(str(tmp_path / "deleted"))  # its directory is visible, the pin is not
+    assert not _netns_gone(str(tmp_path / "present"))
+    assert not _netns_gone(str(tmp_path / "unmounted-dir" / "cni-1"))  # not visible: proves nothing
+    assert not _netns_gone("/proc/999999999/ns/net")  # another PID namespace proves nothing
+    assert not _netns_gone("")

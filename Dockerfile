@@ -6,11 +6,15 @@
 #   docker build -t pycilium:dev .
 #
 # Stages:
-#   cni             the CNI plugin as a self-contained PyInstaller bundle. The plugin runs on the
-#                   *host* (the container runtime execs it from /opt/cni/bin), where neither this
-#                   image's Python nor its virtualenv exists, so it carries its own interpreter. It is
-#                   built on Debian 11 so that it runs on hosts with glibc >= 2.31 (Ubuntu 20.04+,
-#                   Debian 11+, RHEL 9, kind and most managed-Kubernetes node images).
+#   cni             the CNI plugin for the *host* (the container runtime execs it from /opt/cni/bin),
+#                   where neither this image's Python nor its virtualenv exists: `pycilium-cni` is the
+#                   static native launcher (cni-plugin/shim/pycilium-cni.c, starts in ~1 ms and hands
+#                   the invocation to the agent's socket), `pycilium-cni-py` next to it the Python
+#                   plugin as a self-contained PyInstaller bundle that the launcher execs whenever the
+#                   agent cannot take the call (VERSION, agent down: DEL queued, ADD "try again"). The
+#                   bundle is built on Debian 11 so that it runs on hosts with glibc >= 2.31 (Ubuntu
+#                   20.04+, Debian 11+, RHEL 9, kind and most managed-Kubernetes node images); the
+#                   launcher is static and runs anywhere.
 #   venv            the pycilium package and its dependencies in a virtualenv made with
 #                   --system-site-packages, so Debian's bcc module (python3-bpfcc) is importable.
 #   kernel-headers  Debian's generic kernel headers, merged into one tree: the fallback bcc compiles
@@ -30,9 +34,10 @@ FROM ${CNI_BUILDER_IMAGE} AS cni
 ARG PYINSTALLER_VERSION
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 SHELL ["/bin/bash", "-eo", "pipefail", "-c"]
-# PyInstaller needs objdump (binutils) to analyse shared libraries.
+# PyInstaller needs objdump (binutils) to analyse shared libraries; gcc and libc6-dev (libc.a) build
+# the static native launcher.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends binutils \
+    && apt-get install -y --no-install-recommends binutils gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 RUN pip install --no-cache-dir "pyinstaller==${PYINSTALLER_VERSION}"
 WORKDIR /src
@@ -46,11 +51,14 @@ COPY lab/ lab/
 # to the agent over a unix socket). A third-party import would make the smoke test below fail.
 RUN pip install --no-cache-dir --no-deps . \
     && printf 'from pycilium.cni.main import main\nraise SystemExit(main())\n' > /tmp/pycilium_cni_entry.py \
-    && pyinstaller --onedir --noconfirm --clean --name pycilium-cni \
+    && pyinstaller --onedir --noconfirm --clean --name pycilium-cni-py \
         --collect-submodules pycilium.cni \
-        --distpath /out --workpath /tmp/pyinstaller-work --specpath /tmp/pyinstaller-work \
+        --distpath /tmp/dist --workpath /tmp/pyinstaller-work --specpath /tmp/pyinstaller-work \
         /tmp/pycilium_cni_entry.py \
+    && mkdir -p /out && mv /tmp/dist/pycilium-cni-py /out/pycilium-cni \
+    && gcc -O2 -static -o /out/pycilium-cni/pycilium-cni cni-plugin/shim/pycilium-cni.c \
     && printf '{"cniVersion":"1.1.0"}' > /tmp/version-request.json \
+    && CNI_COMMAND=VERSION /out/pycilium-cni/pycilium-cni-py < /tmp/version-request.json \
     && CNI_COMMAND=VERSION /out/pycilium-cni/pycilium-cni < /tmp/version-request.json \
     && tar -C /out/pycilium-cni --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -cf - . \
         | sha256sum | cut -c1-16 > /out/pycilium-cni/BUILD_ID
@@ -111,7 +119,7 @@ COPY --from=cni /out/pycilium-cni /usr/local/lib/pycilium-cni
 COPY --chmod=0755 deploy/image/pycilium-agent.sh /usr/local/bin/pycilium-agent
 COPY --chmod=0755 deploy/image/install-cni.sh /usr/local/bin/pycilium-install-cni
 # /usr/local/bin comes first: `pycilium-agent` is the header-selecting wrapper, `pycilium-cni` the
-# standalone plugin; `pycilium` (the CLI) comes from the virtualenv.
+# native launcher (the plugin as the host runs it); `pycilium` (the CLI) comes from the virtualenv.
 ENV PATH=/usr/local/sbin:/usr/local/bin:/opt/pycilium/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONUNBUFFERED=1
 RUN ln -s ../lib/pycilium-cni/pycilium-cni /usr/local/bin/pycilium-cni \

@@ -15,8 +15,9 @@ if [ "$(id -u)" -ne 0 ]; then
   log "must run as root (BPF, netns and apt need it)"; exit 1
 fi
 
+# gcc + libc6-dev: the native CNI launcher (cni-plugin/shim) is compiled at install time.
 APT_PACKAGES=(python3-bpfcc linux-headers-amd64 iproute2 python3-venv python3-dev iptables
-              ethtool containernetworking-plugins iputils-ping procps curl util-linux)
+              ethtool containernetworking-plugins iputils-ping procps curl util-linux gcc libc6-dev)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,14 +1,20 @@
-"""Connection-rate client for the datapath benchmarks: open, request, read, close, for N seconds.
+"""Connection-rate client for the datapath benchmarks: open, request, read, close, in timed rounds.
 
-`python -m bench.connrate HOST PORT SECONDS` prints {"conns": n, "errors": e, "seconds": s}.
+`python -m bench.connrate --round-seconds S --rounds R HOST:PORT [HOST:PORT ...]` measures each
+target for S seconds, round after round, alternating the order of the targets every round, and
+prints {"rates": [[conn/s of target 0, target 1, ...] per round], "errors": [per target]}.
+
+Measuring the targets of a comparison interleaved in short rounds, in one process, makes the
+per-round ratios immune to slow drifts of a shared machine's load (a neighbour's job starting in
+the middle of a long sequential run would otherwise land entirely on one side of the ratio).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import socket
 import struct
-import sys
 import time
 
 # Close with RST (SO_LINGER 0): no TIME_WAIT on either side, so later runs reusing client ports
@@ -16,16 +22,17 @@ import time
 _LINGER0 = struct.pack("ii", 1, 0)
 
 
-def run(host: str, port: int, seconds: float) -> dict[str, float]:
+def one_round(addr: tuple[str, int], seconds: float) -> tuple[float, int]:
+    """Connections per second to `addr` for `seconds`, and the failed attempts."""
     conns = errors = 0
-    end = time.monotonic() + seconds
     t0 = time.monotonic()
+    end = t0 + seconds
     while time.monotonic() < end:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
         s.settimeout(2)
         try:
-            s.connect((host, port))
+            s.connect(addr)
             s.sendall(b"x")
             if s.recv(256):
                 conns += 1
@@ -35,8 +42,33 @@ def run(host: str, port: int, seconds: float) -> dict[str, float]:
             errors += 1
         finally:
             s.close()
-    return {"conns": conns, "errors": errors, "seconds": time.monotonic() - t0}
+    return conns / (time.monotonic() - t0), errors
+
+
+def run(targets: list[tuple[str, int]], round_seconds: float, rounds: int) -> dict[str, list]:  # type: ignore[type-arg]
+    rates: list[list[float]] = []
+    errors = [0] * len(targets)
+    for r in range(rounds):
+        row = [0.0] * len(targets)
+        order = list(range(len(targets)))
+        if r % 2:
+            order.reverse()  # neither side always runs first in a round
+        for i in order:
+            row[i], e = one_round(targets[i], round_seconds)
+            errors[i] += e
+        rates.append(row)
+    return {"rates": rates, "errors": errors}
+
+
+def _target(s: str) -> tuple[str, int]:
+    host, _, port = s.rpartition(":")
+    return host, int(port)
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]))))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--round-seconds", type=float, default=1.0)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("targets", nargs="+", type=_target, metavar="HOST:PORT")
+    a = ap.parse_args()
+    print(json.dumps(run(a.targets, a.round_seconds, a.rounds)))

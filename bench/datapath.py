@@ -8,10 +8,11 @@ kube-proxy-style rule set of the same size, all measured in one run on this mach
    one-node lab: (a) pod to pod directly; (b) pod to a VIP through the programs with 1,000 and
    10,000 services in the maps; (c) with the programs detached, pod to a VIP through
    KUBE-SERVICES -> KUBE-SVC-* -> KUBE-SEP-* (statistic random DNAT, iptables-legacy) with 1,000 and
-   10,000 services, and pod to pod without any program.
+   10,000 services. Each VIP figure is measured interleaved with its direct pod-to-pod baseline in
+   short alternating rounds (bench/connrate.py) and reported as the median per-round ratio.
 
 Results are ratios against the baselines of the same run; absolute figures vary with the machine.
-Run as root: `python -m bench.datapath [--seconds 5] [--json FILE]`.
+Run as root: `python -m bench.datapath [--rounds 15] [--round-seconds 1] [--json FILE]`.
 """
 
 from __future__ import annotations
@@ -90,14 +91,29 @@ def per_packet(repeat: int) -> dict[str, float]:
         loader.remove_pin_root(root)
 
 
-def rate(lab: SingleNode, host: str, seconds: float) -> float:
-    p = lab.exec_in("client", [sys.executable, "-m", "bench.connrate", host, str(SERVER_PORT if host.startswith("10.210")
-                                                                                else 80), str(seconds)],
-                    timeout=seconds + 60)  # fmt: skip
+def compare(lab: SingleNode, base: str, other: str, a: argparse.Namespace) -> dict[str, Any]:
+    """Connection rate to `base` (a pod, direct) and `other` (a VIP), interleaved in short rounds.
+
+    The figure is the median of the per-round ratios other/base: each ratio compares two
+    measurements taken seconds apart, so a shared machine's load drifting during the run cancels.
+    """
+    targets = [f"{base}:{SERVER_PORT}", f"{other}:80"]
+    p = lab.exec_in("client", [sys.executable, "-m", "bench.connrate", "--round-seconds", str(a.round_seconds),
+                               "--rounds", str(a.rounds), *targets],
+                    timeout=2 * a.rounds * (a.round_seconds + 5) + 60)  # fmt: skip
     res = json.loads(p.stdout.strip().splitlines()[-1])
-    if res["errors"]:
-        print(f"  ({res['errors']} failed connections to {host})", file=sys.stderr)
-    return float(res["conns"] / res["seconds"])
+    for t, e in zip(targets, res["errors"], strict=True):
+        if e:
+            print(f"  ({e} failed connections to {t})", file=sys.stderr)
+    ratios = sorted(r[1] / r[0] for r in res["rates"] if r[0] > 0)
+    return {
+        "base_per_second": statistics.median(r[0] for r in res["rates"]),
+        "per_second": statistics.median(r[1] for r in res["rates"]),
+        "ratio_median": statistics.median(ratios),
+        "ratio_min": ratios[0],
+        "ratio_max": ratios[-1],
+        "errors": res["errors"],
+    }
 
 
 def fill_bpf_services(lab: SingleNode, n: int, backends: list[tuple[str, int]]) -> None:
@@ -137,7 +153,8 @@ def detach_programs(lab: SingleNode) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--round-seconds", type=float, default=1.0)
+    ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--repeat", type=int, default=1_000_000)
     ap.add_argument("--json", default="")
     ap.add_argument("--per-packet-only", action="store_true", help="skip the connection-rate part")
@@ -154,15 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         backends = [(p.ip, SERVER_PORT) for p in lab.pods.values() if p.name != "client"]
         be1 = lab.pods["be1"].ip
-        rates: dict[str, float] = {}
-        rates["bpf_direct_pod_to_pod"] = rate(lab, be1, a.seconds)
+        cmp: dict[str, dict[str, Any]] = {}
         for n in (1000, 10000):
             t0 = time.monotonic()
             fill_bpf_services(lab, n, backends)
             print(f"  ({n} services written in {time.monotonic() - t0:.1f} s)", file=sys.stderr)
-            rates[f"bpf_vip_{n}_services"] = rate(lab, vip(n // 2), a.seconds)
+            cmp[f"bpf_vip_{n}_services"] = compare(lab, be1, vip(n // 2), a)
         detach_programs(lab)
-        rates["plain_direct_pod_to_pod"] = rate(lab, be1, a.seconds)
         for n in (1000, 10000):
             with tempfile.NamedTemporaryFile("w", suffix=".rules") as f:
                 f.write(iptables_rules(n, backends))
@@ -171,21 +186,23 @@ def main(argv: list[str] | None = None) -> int:
                 subprocess.run(
                     ["ip", "netns", "exec", lab.node_ns, "iptables-legacy-restore", f.name], check=True
                 )
-                restore_s = time.monotonic() - t0
-            rates[f"iptables_vip_{n}_services"] = rate(lab, vip(n // 2), a.seconds)
-            report[f"iptables_restore_seconds_{n}"] = restore_s
+                report[f"iptables_restore_seconds_{n}"] = time.monotonic() - t0
+            cmp[f"iptables_vip_{n}_services"] = compare(lab, be1, vip(n // 2), a)
         subprocess.run(
             ["ip", "netns", "exec", lab.node_ns, "iptables-legacy", "-t", "nat", "-F"], check=False
         )
     finally:
         lab.down()
-    report["connections_per_second"] = rates
-    base = rates["bpf_direct_pod_to_pod"]
-    print("connection rate (new TCP connections/s, one client):")
-    for k, v in rates.items():
-        print(f"  {k:34s} {v:8.0f}  ({v / base:.3f}x bpf direct)")
+    report["connection_rate"] = cmp
+    print(f"connection rate (new TCP connections/s, one client; {a.rounds} interleaved rounds of "
+          f"{a.round_seconds:g} s; ratio = median of per-round VIP/direct ratios [min-max]):")  # fmt: skip
+    for k, c in cmp.items():
+        base = "pod -> pod through the programs" if k.startswith("bpf") else "pod -> pod, no programs"
+        print(f"  {k:28s} {c['per_second']:8.0f}/s vs {c['base_per_second']:8.0f}/s ({base}): "
+              f"{c['ratio_median']:.3f}x [{c['ratio_min']:.2f}-{c['ratio_max']:.2f}]")  # fmt: skip
     for n in (1000, 10000):
-        print(f"  BPF VIP vs iptables VIP at {n} services: {rates[f'bpf_vip_{n}_services'] / rates[f'iptables_vip_{n}_services']:.2f}x;"
+        b, i = cmp[f"bpf_vip_{n}_services"], cmp[f"iptables_vip_{n}_services"]
+        print(f"  BPF VIP vs iptables VIP at {n} services: {b['per_second'] / i['per_second']:.2f}x;"
               f" iptables-restore took {report[f'iptables_restore_seconds_{n}']:.2f} s")  # fmt: skip
     if a.json:
         with open(a.json, "w") as f:

@@ -1,16 +1,15 @@
 """Byte-level access to the load-balancer maps: encoders, batched writes, reads, conntrack purge.
 
-Entries are built as bytes with precompiled `struct` formats (checked against the ctypes mirrors
-at import), and written with the batch syscalls: a full sync of 10,000 services is a handful of
-BPF_MAP_UPDATE_BATCH calls, not 70,000 ctypes round trips. All writes go through `LBMaps.update`
-and `LBMaps.delete`, so the order the manager writes in can be observed (and is, by the tests).
+Entries are built as bytes with precompiled `struct` formats derived from the ctypes mirrors
+(bpf/maps/packing.py; no layout is written down here), and written with the batch syscalls: a full
+sync of 10,000 services is a handful of BPF_MAP_UPDATE_BATCH calls, not 70,000 ctypes round trips.
+All writes go through `LBMaps.update` and `LBMaps.delete`, so the order the manager writes in can be
+observed (and is, by the tests).
 """
 
 from __future__ import annotations
 
-import ctypes
 import socket
-import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 from pycilium.bpf import syscall as sc
 from pycilium.bpf.maps import PinnedMap, ctmap, lbmap, natmap
 from pycilium.bpf.maps.defines import d
+from pycilium.bpf.maps.packing import packer
 
 from .translate import BKey, FeKey
 
@@ -38,34 +38,24 @@ CT_TCP = ctmap.CT4_GLOBAL.name
 CT_ANY = ctmap.CT_ANY4_GLOBAL.name
 NAT = natmap.SNAT_V4_EXTERNAL.name
 
-# Little-endian host order for the __u16/__u32 fields; addresses and ports are pre-encoded
-# network-order bytes ("4s", "2s").
-_LB4_KEY = struct.Struct("<4s2sHBB2x")  # address, dport, backend_slot, proto, scope
-_LB4_SVC = struct.Struct("<IHHBBH")  # backend_id, count, rev_nat_index, flags, flags2, local_count
-_LB4_BE_KEY = struct.Struct("<I")
-_LB4_BE = struct.Struct("<4s2sBB4s")  # address, port, proto, flags(state), node_ip
-_REVNAT_KEY = struct.Struct("<H")
-_REVNAT = struct.Struct("<4s2s2x")
-_AFF_MATCH = struct.Struct("<IH2x")  # backend_id, rev_nat_index
-_AFF_VAL_BACKEND = struct.Struct("<8xI4x")
-_U8_ONE = b"\x01"
+# Formats derived from the ctypes mirrors (bpf/maps/packing.py): __u16/__u32 fields in host order,
+# addresses and ports as pre-encoded network-order bytes ("4s", "2s"), pad fields take no value.
+_LB4_KEY = packer(lbmap.Lb4Key, {"address": "4s", "dport": "2s"}, skip=("pad",))
+_LB4_SVC = packer(lbmap.Lb4Service)
+_LB4_BE_KEY = packer(lbmap.Lb4BackendKey)
+_LB4_BE = packer(lbmap.Lb4Backend, {"address": "4s", "port": "2s", "node_ip": "4s"})
+_REVNAT_KEY = packer(lbmap.Lb4ReverseNatKey)
+_REVNAT = packer(lbmap.Lb4ReverseNat, {"address": "4s", "port": "2s"}, skip=("pad",))
+_AFF_MATCH = packer(lbmap.LbAffinityMatch, skip=("pad",))
+_AFF_VAL_BACKEND = packer(lbmap.LbAffinityVal, only=("backend_id",))
+_AFF_KEY_REVNAT = packer(lbmap.Lb4AffinityKey, only=("rev_nat_index",))
+_U8 = packer(lbmap.U8Value)
+AFFINITY_MATCH_VALUE = _U8.pack(1)  # lb_affinity_match values: present
 
-for _s, _c in ((_LB4_KEY, lbmap.Lb4Key), (_LB4_SVC, lbmap.Lb4Service), (_LB4_BE_KEY, lbmap.Lb4BackendKey),
-               (_LB4_BE, lbmap.Lb4Backend), (_REVNAT_KEY, lbmap.Lb4ReverseNatKey), (_REVNAT, lbmap.Lb4ReverseNat),
-               (_AFF_MATCH, lbmap.LbAffinityMatch), (_AFF_VAL_BACKEND, lbmap.LbAffinityVal)):  # fmt: skip
-    assert _s.size == ctypes.sizeof(_c), (_s.format, _c.__name__)
-assert lbmap.LbAffinityVal.backend_id.offset == 8
-assert lbmap.Lb4AffinityKey.rev_nat_index.offset == 4
-
-# conntrack key/value offsets, from the mirrors
-_CT_DADDR = ctmap.Ct4Key.daddr.offset
-_CT_SADDR = ctmap.Ct4Key.saddr.offset
-_CT_SPORT = ctmap.Ct4Key.sport.offset
-_CT_DPORT = ctmap.Ct4Key.dport.offset
-_CT_PROTO = ctmap.Ct4Key.nexthdr.offset
-_CT_FLAGS = ctmap.Ct4Key.flags.offset
-_CT_BACKEND = ctmap.CtEntry.backend_id.offset
-_CT_REVNAT = ctmap.CtEntry.rev_nat_index.offset
+# conntrack/NAT keys (the NAT map shares the conntrack key): saddr, daddr, sport, dport, nexthdr,
+# flags with addresses and ports as raw network-order bytes; of the value, backend_id and rev_nat_index
+_CT_KEY = packer(ctmap.Ct4Key, {"saddr": "4s", "daddr": "4s", "sport": "2s", "dport": "2s"}, skip=("pad",))
+_CT_SVC = packer(ctmap.CtEntry, only=("backend_id", "rev_nat_index"))
 
 _aton_cache: dict[str, bytes] = {}
 _port_cache: dict[int, bytes] = {}
@@ -91,10 +81,8 @@ def ntoa(b: bytes) -> str:
     return socket.inet_ntoa(b)
 
 
-_MAGLEV_KEY = struct.Struct("<HH")
-_MAGLEV_CHUNK = struct.Struct(f"<{lbmap.LB_MAGLEV_CHUNK}I")
-assert _MAGLEV_KEY.size == ctypes.sizeof(lbmap.Lb4MaglevKey)
-assert _MAGLEV_CHUNK.size == ctypes.sizeof(lbmap.Lb4MaglevChunk)
+_MAGLEV_KEY = packer(lbmap.Lb4MaglevKey)
+_MAGLEV_CHUNK = packer(lbmap.Lb4MaglevChunk)
 
 
 def maglev_entries(rev_nat: int, ids: Sequence[int]) -> tuple[list[bytes], list[bytes]]:
@@ -270,36 +258,29 @@ class LBMaps:
             ct_maps.append(CT_TCP)
         if protos - {6}:
             ct_maps.append(CT_ANY)
+        ct_key, ct_svc = _CT_KEY.unpack, _CT_SVC.unpack_from
         for name in ct_maps:
             doomed: list[bytes] = []
             for k, v in self.items(name):
-                flags = k[_CT_FLAGS]
+                _saddr, daddr, _sport, dport, proto, flags = ct_key(k)
                 if flags & CT_DIR_SVC:
-                    bid = int.from_bytes(v[_CT_BACKEND : _CT_BACKEND + 4], "little")
-                    if bid in dead_ids or (
-                        pairs and (bid, int.from_bytes(v[_CT_REVNAT : _CT_REVNAT + 2], "little")) in pairs
-                    ):
+                    bid, rn = ct_svc(v)
+                    if bid in dead_ids or (pairs and (bid, rn) in pairs):
                         doomed.append(k)
-                elif flags in (CT_DIR_OUT, CT_DIR_IN) and dead_tuples:
-                    t = (k[_CT_DADDR : _CT_DADDR + 4], k[_CT_DPORT : _CT_DPORT + 2], k[_CT_PROTO])
-                    if t in dead_tuples:
-                        doomed.append(k)
+                elif flags in (CT_DIR_OUT, CT_DIR_IN) and (daddr, dport, proto) in dead_tuples:
+                    doomed.append(k)
             out[name] = self.delete(name, doomed)
         if dead_tuples:
             doomed = []
             for k, _v in self.items(NAT):
-                proto = k[_CT_PROTO]
-                if (k[_CT_DADDR : _CT_DADDR + 4], k[_CT_DPORT : _CT_DPORT + 2], proto) in dead_tuples or (
-                    k[_CT_SADDR : _CT_SADDR + 4],
-                    k[_CT_SPORT : _CT_SPORT + 2],
-                    proto,
-                ) in dead_tuples:
+                saddr, daddr, sport, dport, proto, _flags = ct_key(k)
+                if (daddr, dport, proto) in dead_tuples or (saddr, sport, proto) in dead_tuples:
                     doomed.append(k)
             out[NAT] = self.delete(NAT, doomed)
         doomed = []
         for k, v in self.items(AFFINITY):
-            bid = _AFF_VAL_BACKEND.unpack(v[: _AFF_VAL_BACKEND.size])[0]
-            if bid in dead_ids or (pairs and (bid, int.from_bytes(k[4:6], "little")) in pairs):
+            bid = _AFF_VAL_BACKEND.unpack_from(v)[0]
+            if bid in dead_ids or (pairs and (bid, _AFF_KEY_REVNAT.unpack(k)[0]) in pairs):
                 doomed.append(k)
         out[AFFINITY] = self.delete(AFFINITY, doomed)
         return out

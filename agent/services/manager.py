@@ -52,6 +52,7 @@ from . import maglev
 from .ids import IdAllocator
 from .lbmaps import (
     AFFINITY_MATCH,
+    AFFINITY_MATCH_VALUE,
     BACKENDS,
     BE_STATE_ACTIVE,
     BE_STATE_TERMINATING,
@@ -702,7 +703,7 @@ class ServiceManager:
         m.update(BACKENDS, be_k, be_v)
         m.update(SERVICES, slot_k, slot_v)
         m.update(REVERSE_NAT, rn_k, rn_v)
-        m.update(AFFINITY_MATCH, am_add, [b"\x01"] * len(am_add))
+        m.update(AFFINITY_MATCH, am_add, [AFFINITY_MATCH_VALUE] * len(am_add))
         m.update(MAGLEV, mg_k, mg_v)
         m.update(SERVICES, s0_k, s0_v)
         m.delete(SERVICES, del_s0)
@@ -899,7 +900,7 @@ class ServiceManager:
                     svcs[svc_key(fk, i)] = svc_value(b, 0, fe.rev_nat, 0, 0, 0)
                 if fe.affinity:
                     for b in fe.slots:
-                        pairs[affinity_match_key(b, fe.rev_nat)] = b"\x01"
+                        pairs[affinity_match_key(b, fe.rev_nat)] = AFFINITY_MATCH_VALUE
             return {
                 SERVICES: svcs,
                 BACKENDS: {backend_key(b): v for b, v in self._be.items()},

@@ -24,8 +24,9 @@ Nothing is written until every source (the Service and EndpointSlice reflectors)
 first full list; then one full sync writes the desired state and only then deletes what is stale.
 Datapath state therefore survives an agent restart untouched for every Service that still exists.
 
-Drift. audit() (every `audit_interval` seconds) reads the maps and repairs every entry that differs
-from the desired state, counting repairs in pycilium_datapath_drift_repairs_total{map}.
+Drift. audit() (every `audit_interval` seconds) reads the maps (services, backends, reverse NAT,
+affinity match, Maglev tables) and repairs every entry that differs from the desired state, counting
+repairs in pycilium_datapath_drift_repairs_total{map}.
 
 Threads: handlers run on reflector threads and only take the short input lock; the sync thread owns
 the written state under the state lock, which queries (list_services) take as well.
@@ -888,7 +889,8 @@ class ServiceManager:
     # --- audit --------------------------------------------------------------------------------
 
     def expected_entries(self) -> dict[str, dict[bytes, bytes]]:
-        """What the four load-balancer maps must contain, byte for byte."""
+        """What the load-balancer maps must contain, byte for byte (lb4_maglev: the chunks of the
+        tables written for Maglev frontends, and nothing else)."""
         with self._state_lock:
             svcs: dict[bytes, bytes] = {}
             pairs: dict[bytes, bytes] = {}
@@ -901,11 +903,16 @@ class ServiceManager:
                 if fe.affinity:
                     for b in fe.slots:
                         pairs[affinity_match_key(b, fe.rev_nat)] = AFFINITY_MATCH_VALUE
+            chunks: dict[bytes, bytes] = {}
+            for rn, tbl in self._maglev_written.values():
+                keys, values = maglev_entries(rn, tbl)
+                chunks.update(zip(keys, values, strict=True))
             return {
                 SERVICES: svcs,
                 BACKENDS: {backend_key(b): v for b, v in self._be.items()},
                 REVERSE_NAT: {revnat_key(rn): v for rn, v in self._revnat_written.items()},
                 AFFINITY_MATCH: pairs,
+                MAGLEV: chunks,
             }
 
     def audit(self) -> int:
@@ -927,7 +934,8 @@ class ServiceManager:
                         fv_.append(v)
                 fixes[name] = (fk_, fv_)
                 extra[name] = [k for k in have if k not in want]
-            # same order as a sync: backends, slots, reverse NAT/affinity, frontends; then removals
+            # same order as a sync: backends, slots, reverse NAT/affinity, Maglev tables, frontends;
+            # then removals
             sk, sv = fixes[SERVICES]
             slot_fix = [(k, v) for k, v in zip(sk, sv, strict=True) if decode_svc_key(k)[1] != 0]
             s0_fix = [(k, v) for k, v in zip(sk, sv, strict=True) if decode_svc_key(k)[1] == 0]
@@ -935,9 +943,11 @@ class ServiceManager:
             m.update(SERVICES, [k for k, _ in slot_fix], [v for _, v in slot_fix])
             m.update(REVERSE_NAT, *fixes[REVERSE_NAT])
             m.update(AFFINITY_MATCH, *fixes[AFFINITY_MATCH])
+            m.update(MAGLEV, *fixes[MAGLEV])
             m.update(SERVICES, [k for k, _ in s0_fix], [v for _, v in s0_fix])
             extra_svc = sorted(extra[SERVICES], key=lambda k: decode_svc_key(k)[1] != 0)
             m.delete(SERVICES, extra_svc)
+            m.delete(MAGLEV, extra[MAGLEV])
             m.delete(REVERSE_NAT, extra[REVERSE_NAT])
             m.delete(AFFINITY_MATCH, extra[AFFINITY_MATCH])
             dead: dict[int, BKey] = {}

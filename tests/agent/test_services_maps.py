@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 from pycilium.agent.services import LBMaps, ServiceManager
-from pycilium.agent.services.lbmaps import AFFINITY_MATCH, BACKENDS, REVERSE_NAT, SERVICES
+from pycilium.agent.services.lbmaps import AFFINITY_MATCH, BACKENDS, MAGLEV, REVERSE_NAT, SERVICES
 from pycilium.bpf import loader
 from pycilium.bpf.maps import PinnedMap, ctmap, lbmap, natmap
 from pycilium.bpf.maps.defines import d
@@ -553,3 +553,63 @@ def test_node_address_change_updates_backend_node_ip(root: str) -> None:
         assert m.cycles == cycles + 1
     finally:
         m.stop()
+
+
+def dump_maglev(root: str) -> dict[tuple[int, int], tuple[int, ...]]:
+    with PinnedMap(lbmap.MAGLEV, root) as m:
+        return {(k.rev_nat_index, k.chunk): tuple(v.backend_ids) for k, v in m.items()}
+
+
+def test_audit_repairs_maglev_tables_and_counts_it(root: str) -> None:
+    reg = CollectorRegistry()
+    maps = RecordingMaps(root)
+    m = manager(
+        root, registry=reg, maps=maps, audit_interval=3600, lb_algorithm="maglev", maglev_table_size=251
+    )
+    m.start()
+    try:
+        m.on_service(
+            svc(type="NodePort", ports=[{"name": "http", "port": 80, "nodePort": 30080, "protocol": "TCP"}])
+        )
+        m.on_endpoint_slice(eps([ep("10.0.1.1"), ep("10.0.1.2"), ep("10.0.1.3")]))
+        assert m.flush(5)
+        good = dump_maglev(root)
+        rn = {v.type: v.id for v in m.list_services()}["NodePort"]
+        n_chunks = (251 + lbmap.LB_MAGLEV_CHUNK - 1) // lbmap.LB_MAGLEV_CHUNK
+        assert set(good) == {(rn, c) for c in range(n_chunks)}
+        assert m.audit() == 0
+        with PinnedMap(lbmap.MAGLEV, root) as mg:
+            mg.delete(lbmap.Lb4MaglevKey(rn, 0))  # a lost chunk
+            altered = lbmap.Lb4MaglevChunk()
+            altered.backend_ids[:] = [v ^ 1 for v in good[(rn, 1)]]
+            mg.update(lbmap.Lb4MaglevKey(rn, 1), altered)  # an altered chunk
+            mg.update(lbmap.Lb4MaglevKey(rn, n_chunks), lbmap.Lb4MaglevChunk())  # beyond the table
+            mg.update(lbmap.Lb4MaglevKey(rn + 100, 0), lbmap.Lb4MaglevChunk())  # no such frontend
+        # a Maglev frontend's slot 0 is gone too: its table is rewritten before the frontend is
+        with PinnedMap(lbmap.SERVICES, root) as s:
+            s.delete(lb_key("0.0.0.0", 30080, TCP, 0))
+        maps.log.clear()
+        assert m.audit() == 2 + 2 + 1
+        assert dump_maglev(root) == good
+        writes = [(op, name) for op, name, _ in maps.log]
+        assert writes == [("update", MAGLEV), ("update", SERVICES), ("delete", MAGLEV)]
+        assert reg.get_sample_value("pycilium_datapath_drift_repairs_total", {"map": MAGLEV}) == 4
+        assert reg.get_sample_value("pycilium_datapath_drift_repairs_total", {"map": SERVICES}) == 1
+        assert m.audit() == 0
+
+        # the service goes; its table is deleted. Chunks left behind (a lost delete) are stale.
+        m.on_service_deleted(svc(type="NodePort"))
+        assert m.flush(5)
+        assert dump_maglev(root) == {}
+        with PinnedMap(lbmap.MAGLEV, root) as mg:
+            for (r, c), ids in good.items():
+                v = lbmap.Lb4MaglevChunk()
+                v.backend_ids[:] = ids
+                mg.update(lbmap.Lb4MaglevKey(r, c), v)
+        assert m.audit() == n_chunks
+        assert dump_maglev(root) == {}
+        assert reg.get_sample_value("pycilium_datapath_drift_repairs_total", {"map": MAGLEV}) == 4 + n_chunks
+        assert m.audit() == 0
+    finally:
+        m.stop()
+        maps.close()

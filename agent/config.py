@@ -40,10 +40,12 @@ class AgentConfig(BaseModel):
     pod_cidr: str | None = Field(default=None, alias="pod-cidr")  # else Node.spec.podCIDR
     service_cidr: str = Field(default="10.96.0.0/12", alias="service-cidr")
     ipam_mode: Literal["kubernetes", "static"] = Field(default="kubernetes", alias="ipam-mode")
-    # VXLAN tunnelling is not implemented yet: `tunnel` is refused with a clear message (below).
+    # native: routes to other nodes' pod CIDRs via their node IPs (the underlay must route pod IPs
+    # between nodes, e.g. one L2 segment); tunnel: VXLAN between nodes (agent/nodes/tunnel.py).
     routing_mode: Literal["native", "tunnel"] = Field(default="native", alias="routing-mode")
     tunnel_protocol: Literal["vxlan"] = Field(default="vxlan", alias="tunnel-protocol")
-    mtu: int = Field(default=1500, alias="mtu", ge=1280, le=9000)
+    tunnel_port: int = Field(default=8472, alias="tunnel-port", ge=1, le=65535)
+    mtu: int = Field(default=1500, alias="mtu", ge=1280, le=9000)  # the node's device MTU
 
     # Kube-proxy replacement and load-balancing.
     kube_proxy_replacement: bool = Field(default=True, alias="kube-proxy-replacement")
@@ -116,12 +118,12 @@ class AgentConfig(BaseModel):
         except ValueError as e:
             raise ValueError(f"not an IPv4 CIDR: {v!r} ({e})") from e
 
-    @field_validator("routing_mode")
-    @classmethod
-    def _routing(cls, v: str) -> str:
-        if v == "tunnel":
-            raise ValueError("tunnel routing (VXLAN) is not implemented in this version; use native routing")
-        return v
+    @property
+    def pod_mtu(self) -> int:
+        """MTU of pod interfaces: the device's, minus the VXLAN overhead in tunnel mode."""
+        from pycilium.agent.nodes.tunnel import VXLAN_OVERHEAD
+
+        return self.mtu - VXLAN_OVERHEAD if self.routing_mode == "tunnel" else self.mtu
 
     @field_validator("maglev_table_size")
     @classmethod

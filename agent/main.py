@@ -167,6 +167,7 @@ class Agent:
         self.ready_reason: str | None = "starting"
         self.devices: list[str] = []
         self.node_ip = ""
+        self.tunnel_ifindex: int | None = None
         self.pod_cidr = ""
         self._closers: list[Callable[[], None]] = []
         self.components: dict[str, Any] = {}
@@ -259,6 +260,7 @@ class Agent:
         from pycilium.agent.endpoint.netlink import set_sysctl_root
 
         set_sysctl_root(cfg.proc_sys_root)
+        self._setup_tunnel(defines)
         if cfg.enable_socket_lb:
             self._attach_socket_lb(defines)
         self._sysctl("net/ipv4/ip_forward", "1")
@@ -267,6 +269,25 @@ class Agent:
         log.info(
             "datapath loaded", extra={"seconds": round(time.monotonic() - t0, 2), "pin_root": cfg.bpf_root}
         )
+
+    def _setup_tunnel(self, defines: Any) -> None:
+        """Tunnel routing: the VXLAN device with bpf_overlay.c; native: no such device (removed when a
+        previous run was in tunnel mode, which takes its routes with it)."""
+        from pycilium.agent.nodes import tunnel
+        from pycilium.bpf import loader
+
+        cfg = self.config
+        if cfg.routing_mode != "tunnel":
+            tunnel.remove_device()
+            return
+        dev = tunnel.ensure_device(self.node_ip, tunnel.tunnel_mtu(cfg.mtu), port=cfg.tunnel_port)
+        self.overlay = loader.compile_program("bpf_overlay", defines)
+        loader.attach_tc(dev.name, self.overlay.fd("to_overlay"), loader.TC_EGRESS, "to-overlay")
+        loader.attach_tc(dev.name, self.overlay.fd("from_overlay"), loader.TC_INGRESS, "from-overlay")
+        self._sysctl(f"net/ipv4/conf/{dev.name}/rp_filter", "0")
+        self.tunnel_ifindex = dev.ifindex
+        log.info("tunnel device ready", extra={"device": dev.name, "mtu": dev.mtu, "port": cfg.tunnel_port,
+                                               "mac": dev.mac})  # fmt: skip
 
     def _attach_socket_lb(self, defines: Any) -> None:
         """cgroup connect4/sendmsg4/recvmsg4 for this node's own sockets (bpf/bpf_sock.c)."""
@@ -338,7 +359,7 @@ class Agent:
         services = ServiceManager(node_name=cfg.node_name, bpf_root=cfg.bpf_root, state_dir=cfg.state_dir,
                                   lb_algorithm=cfg.lb_algorithm, maglev_table_size=cfg.maglev_table_size)  # fmt: skip
         nodes = NodeManager(node_name=cfg.node_name, bpf_root=cfg.bpf_root, routing_mode=cfg.routing_mode,
-                            on_pod_cidrs=self._on_pod_cidrs, on_nodes_changed=services.nodes_changed)  # fmt: skip
+                            tunnel_ifindex=self.tunnel_ifindex, on_pod_cidrs=self._on_pod_cidrs, on_nodes_changed=services.nodes_changed)  # fmt: skip
         services.node_ip_of = nodes.node_ip_of
         policy = PolicyControlPlane.from_config(cfg, self.api, endpoint_manager=self.endpoints)
         self.components.update(services=services, nodes=nodes, policy=policy)
@@ -428,7 +449,7 @@ class Agent:
             except Exception:
                 log.exception("error while stopping")
         self._closers.clear()
-        for prog in ("lxc", "host", "xdp", "sock"):
+        for prog in ("lxc", "host", "xdp", "sock", "overlay"):
             p = getattr(self, prog, None)
             if p is not None:
                 p.close()

@@ -43,7 +43,7 @@ assert EVENT.size == ctypes.sizeof(MonitorEvent)
 EVENT_DROP, EVENT_TRACE, EVENT_POLICY_VERDICT = d("EVENT_DROP"), d("EVENT_TRACE"), d("EVENT_POLICY_VERDICT")
 TYPE_NAMES = {EVENT_DROP: "drop", EVENT_TRACE: "trace", EVENT_POLICY_VERDICT: "policy-verdict"}
 # Source file ids (FILE_* in bpf/lib/common.h; a test keeps them in sync).
-FILES = {1: "bpf_lxc.c", 2: "bpf_host.c", 3: "bpf_xdp.c", 4: "bpf_sock.c"}
+FILES = {1: "bpf_lxc.c", 2: "bpf_host.c", 3: "bpf_xdp.c", 4: "bpf_sock.c", 5: "bpf_overlay.c"}
 CT_STATES = {d("CT_NEW"): "new", d("CT_ESTABLISHED"): "established", d("CT_REPLY"): "reply",
              d("CT_RELATED"): "related", d("CT_REOPENED"): "reopened"}  # fmt: skip
 TRACE_POINTS = {

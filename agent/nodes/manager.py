@@ -1,6 +1,7 @@
 """The node manager: Node objects -> routes to other nodes' pod CIDRs and the node ipcache entries.
 
-For every other node (native routing): `<podCIDR> via <InternalIP> proto pycilium`. In the ipcache:
+For every other node: `<podCIDR> via <InternalIP> proto pycilium` (native routing), or
+`<podCIDR> via TUNNEL_GATEWAY dev pyc_vxlan onlink proto pycilium` (tunnel routing, see tunnel.py). In the ipcache:
 every IPv4 address of this node /32 -> reserved:host, of other nodes /32 -> reserved:remote-node
 (flag IPCACHE_F_REMOTE_NODE), and 0.0.0.0/0 -> reserved:world. This node's spec.podCIDR(s) are handed
 to `on_pod_cidrs` (IPAM), and the names of nodes whose addresses changed to `on_nodes_changed` (the
@@ -32,6 +33,7 @@ from pycilium.bpf.maps.ipcache import IPCACHE, IpcacheKey, RemoteEndpointInfo
 from pycilium.bpf.maps.util import be32_to_ip, ip_to_be32
 
 from .routes import RTPROT_PYCILIUM, RouteProgrammer, valid_cidr
+from .tunnel import TUNNEL_GATEWAY
 
 log = logging.getLogger("pycilium.nodes")
 
@@ -113,6 +115,7 @@ class NodeManager:
         node_name: str,
         bpf_root: str | None,
         routing_mode: str = "native",
+        tunnel_ifindex: int | None = None,
         route_proto: int = RTPROT_PYCILIUM,
         netns: str | None = None,
         on_pod_cidrs: Callable[[list[str]], None] | None = None,
@@ -123,6 +126,7 @@ class NodeManager:
         self.bpf_root = bpf_root
         self.routing_mode = routing_mode
         self.routes = RouteProgrammer(proto=route_proto, netns=netns)
+        self.routes.oif = tunnel_ifindex if routing_mode == "tunnel" else None
         self.on_pod_cidrs = on_pod_cidrs
         self.on_nodes_changed = on_nodes_changed
         self.resync_interval = resync_interval
@@ -234,8 +238,9 @@ class NodeManager:
     # --- desired state ------------------------------------------------------------------------
 
     def desired_routes(self) -> dict[str, str]:
-        if self.routing_mode != "native":
-            return {}
+        tunnel = self.routing_mode == "tunnel"
+        if tunnel and self.routes.oif is None:
+            return {}  # tunnel mode without its device (yet): nothing can be routed
         own = set(self._own_cidrs)
         out: dict[str, str] = {}
         for n in self.nodes():
@@ -245,7 +250,7 @@ class NodeManager:
                 if c in own:
                     log.warning("Node %s: pod CIDR %s overlaps this node's; no route", n.name, c)
                     continue
-                out[c] = n.internal_ip
+                out[c] = TUNNEL_GATEWAY if tunnel else n.internal_ip
         return out
 
     def desired_ipcache(self) -> dict[str, IpcEntry]:

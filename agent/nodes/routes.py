@@ -20,6 +20,7 @@ log = logging.getLogger("pycilium.nodes.routes")
 
 RTPROT_PYCILIUM = 194  # unassigned in /etc/iproute2/rt_protos
 MAIN_TABLE = 254
+RTNH_F_ONLINK = 4
 _ENOENT, _ESRCH = 2, 3
 
 
@@ -38,6 +39,8 @@ class RouteProgrammer:
         self.proto = proto
         self.table = table
         self.netns = netns
+        # tunnel routing: every route leaves through this device, its gateway marked on-link
+        self.oif: int | None = None
 
     def _open(self) -> Any:
         if self.netns:
@@ -64,15 +67,21 @@ class RouteProgrammer:
         installed: dict[str, str] = {}
         with self._open() as ipr:
             have: dict[str, str] = {}
+            have_oif: dict[str, int | None] = {}
             for r in ipr.route("dump", family=2, proto=self.proto):
                 if r["proto"] == self.proto and _table(r) == self.table:
-                    have[f"{r.get('dst') or '0.0.0.0'}/{r['dst_len']}"] = r.get("gateway") or ""
+                    key = f"{r.get('dst') or '0.0.0.0'}/{r['dst_len']}"
+                    have[key] = r.get("gateway") or ""
+                    have_oif[key] = r.get("oif")
             for dst, gw in want.items():
-                if have.get(dst) == gw:
+                if have.get(dst) == gw and (self.oif is None or have_oif.get(dst) == self.oif):
                     installed[dst] = gw
                     continue
                 try:
-                    ipr.route("replace", dst=dst, gateway=gw, proto=self.proto, table=self.table)
+                    via: dict[str, Any] = (
+                        {} if self.oif is None else {"oif": self.oif, "flags": RTNH_F_ONLINK}
+                    )
+                    ipr.route("replace", dst=dst, gateway=gw, proto=self.proto, table=self.table, **via)
                     installed[dst] = gw
                     log.info("route %s via %s installed", dst, gw)
                 except NetlinkError as e:

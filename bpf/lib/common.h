@@ -36,6 +36,7 @@
 #define FILE_HOST 2
 #define FILE_XDP 3
 #define FILE_SOCK 4
+#define FILE_OVERLAY 5
 #ifndef THIS_FILE
 #define THIS_FILE 0
 #endif

@@ -211,6 +211,13 @@ struct ipcache_key {
 };
 
 #define IPCACHE_F_REMOTE_NODE 0x01 /* the IP lives on another node */
+
+/* Tunnel routing mode: VXLAN in collect-metadata mode, VNI = the source's security identity. A
+ * node's VXLAN device has the MAC TUNNEL_MAC_0:TUNNEL_MAC_1:<node IPv4>, set by the agent and
+ * derived by bpf_overlay.c for the inner destination. */
+#define TUNNEL_PORT 8472
+#define TUNNEL_MAC_0 0x0a
+#define TUNNEL_MAC_1 0x70
 struct remote_endpoint_info {
 	__u32 sec_identity;
 	__be32 tunnel_endpoint; /* node IP the address lives on (0: this node / outside) */
@@ -284,6 +291,8 @@ struct prefilter_value {
 #define METRIC_DIR_SERVICE 3
 #define METRIC_DIR_CT_TCP 4 /* REASON_CT_CREATED: entries created in ct4_global */
 #define METRIC_DIR_CT_ANY 5 /* REASON_CT_CREATED: entries created in ct_any4_global */
+#define METRIC_DIR_OVERLAY_TX 6 /* into the VXLAN tunnel (tunnel routing mode) */
+#define METRIC_DIR_OVERLAY_RX 7 /* out of the VXLAN tunnel */
 
 /* The metrics map is a per-CPU array: the key, read as a little-endian u32, is the index
  * reason | dir << 8 (2048 slots), so counting a packet is one array access. */
@@ -325,6 +334,7 @@ struct metrics_value {
 #define DROP_PREFILTER 220       /* CIDR prefilter (XDP) */
 #define DROP_NO_LOCAL_BACKEND 221/* traffic-policy Local with no local backend */
 #define DROP_INVALID_SVC_SLOT 222/* a service slot points to a missing backend */
+#define DROP_UNKNOWN_TUNNEL_PEER 223/* VXLAN packet from an address that is not a cluster node */
 #define REASON_POLICY_ALLOWED 250/* policy verdicts that allowed a new connection */
 #define REASON_CT_CREATED 251    /* conntrack entries created (GC derives LRU evictions from it) */
 

@@ -50,6 +50,7 @@ REASON_TEXT: dict[str, str] = {
     "DROP_PREFILTER": "CIDR prefilter denied",
     "DROP_NO_LOCAL_BACKEND": "No local backend for traffic-policy Local",
     "DROP_INVALID_SVC_SLOT": "Service slot without backend",
+    "DROP_UNKNOWN_TUNNEL_PEER": "Tunnel packet from an unknown node",
     "REASON_POLICY_ALLOWED": "Policy allowed",
     "REASON_CT_CREATED": "Conntrack entry created",
 }

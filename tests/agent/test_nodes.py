@@ -223,3 +223,35 @@ def test_node_reflector_end_to_end(lab: tuple[str, str], tmp_path: Path) -> None
             r.stop()
             mgr.stop()
             api.close()
+
+
+@pytest.mark.kernel
+def test_tunnel_mode_routes_every_pod_cidr_into_the_vxlan_device(lab: tuple[str, str]) -> None:
+    from pycilium.agent.config import AgentConfig
+    from pycilium.agent.nodes.tunnel import TUNNEL_DEVICE, TUNNEL_GATEWAY, ensure_device, remove_device
+
+    ns, root = lab
+    with netns.in_netns(ns):
+        dev = ensure_device("192.168.60.1", AgentConfig(**{"routing-mode": "tunnel"}).pod_mtu)
+    assert dev.mtu == 1450 and AgentConfig().pod_mtu == 1500
+    mgr = NodeManager(
+        node_name="n1", bpf_root=root, netns=ns, routing_mode="tunnel", tunnel_ifindex=dev.ifindex
+    )
+    mgr.start([Source(synced=True)])
+    try:
+        mgr.on_node(node("n1", "192.168.60.1", "10.200.1.0/24"))
+        mgr.on_node(node("n2", "192.168.60.2", "10.200.2.0/24"))
+        mgr.on_node(node("n4", "192.168.99.4", "10.200.4.0/24"))  # no underlay route needed: on-link
+        assert mgr.flush(5)
+        assert our_routes(ns) == {"10.200.2.0/24": TUNNEL_GATEWAY, "10.200.4.0/24": TUNNEL_GATEWAY}
+        assert not mgr.route_errors
+        routes = all_routes(ns)
+        assert f"10.200.2.0/24 via {TUNNEL_GATEWAY} dev {TUNNEL_DEVICE}" in routes and "onlink" in routes
+        assert "PERMANENT" in netns.ip("neigh", "show", "dev", TUNNEL_DEVICE, netns=ns).stdout
+        assert ipcache(root)["192.168.60.2/32"] == (ID_REMOTE_NODE, "", F_REMOTE)
+    finally:
+        mgr.stop()
+    # back to native routing: the device goes, and its routes with it
+    with netns.in_netns(ns):
+        assert remove_device() and not remove_device()
+    assert our_routes(ns) == {}

@@ -166,6 +166,7 @@ def test_agent_loads_rendered_configmap(rendered: tuple[list[Obj], dict[str, Any
     assert cfg.kube_proxy_replacement is values["kubeProxyReplacement"]
     assert cfg.routing_mode == values["routingMode"]
     assert cfg.tunnel_protocol == values["tunnelProtocol"]
+    assert cfg.tunnel_port == values["tunnelPort"]
     assert cfg.ipam_mode == values["ipam"]["mode"]
     assert cfg.mtu == values["MTU"]
     assert cfg.lb_algorithm == values["loadBalancer"]["algorithm"]

@@ -245,7 +245,7 @@ def test_crd_schemas_accept_and_reject_instances(default_objects: list[Obj]) -> 
         ({"kubeProxyReplacement": "yes"}, "at '/kubeProxyReplacement'"),
         ({"routingMode": "geneve"}, "at '/routingMode'"),  # bad enum
         ({"tunnelProtocol": "geneve"}, "at '/tunnelProtocol'"),
-        ({"routingMode": "tunnel"}, "at '/routingMode'"),  # VXLAN not implemented yet
+        ({"tunnelPort": 0}, "at '/tunnelPort'"),
         ({"ipam": {"mode": "cluster-pool"}}, "at '/ipam/mode'"),
         ({"loadBalancer": {"algorithm": "roundrobin"}}, "at '/loadBalancer/algorithm'"),
         ({"maglev": {"tableSize": 1000}}, "at '/maglev/tableSize'"),

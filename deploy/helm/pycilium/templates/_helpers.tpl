@@ -118,6 +118,7 @@ Integers go through int64 so that large values never render as 1e+06.
 {{- $_ := set $c "ipam-mode" .Values.ipam.mode -}}
 {{- $_ := set $c "routing-mode" .Values.routingMode -}}
 {{- $_ := set $c "tunnel-protocol" .Values.tunnelProtocol -}}
+{{- $_ := set $c "tunnel-port" (.Values.tunnelPort | int64 | toString) -}}
 {{- $_ := set $c "mtu" (.Values.MTU | int64 | toString) -}}
 {{- $_ := set $c "kube-proxy-replacement" (.Values.kubeProxyReplacement | toString) -}}
 {{- $_ := set $c "bpf-lb-algorithm" .Values.loadBalancer.algorithm -}}

@@ -52,7 +52,6 @@ from pycilium.bpf.maps.endpointmap import ENDPOINTS, EndpointInfo, EndpointKey
 from pycilium.bpf.maps.pinned import PinnedMap
 from pycilium.bpf.maps.util import be32_to_ip, ip_to_be32, mac_bytes, mac_str
 from pycilium.cni import protocol as cniproto
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 log = logging.getLogger("pycilium.endpoint")
@@ -387,21 +386,22 @@ class EndpointManager:
             undo.append(("release IP", lambda: self.ipam.release(req.owner)))
             ep_id = self._alloc_id()
             undo.append(("free endpoint id", lambda: self._free_id(ep_id)))
-            with IPRoute() as ipr:
-                if nl.delete_link(ipr, host):
+            with nl.Rtnl() as rt:
+                if nl.delete_link(rt, host):
                     log.warning("removed a stale host veth", extra={"host_ifname": host})
                 nsfd = nl.open_netns(req.netns)
                 try:
                     if not _is_netns(nsfd):
                         raise EndpointError(cniproto.ERR_NETNS, f"{req.netns} is not a network namespace")
-                    link = self._create_veth(ipr, host, req, nsfd, mtu)
+                    link = self._create_veth(rt, host, req, nsfd, mtu)
+                    undo.append(("delete veth", lambda: nl.delete_host_link(host)))
+                    nl.setup_host_side(rt, link, ip)
+                    with nl.Rtnl.inside(nsfd, req.netns) as pod_rt:
+                        pod_mac = nl.setup_pod_side(
+                            pod_rt, req.ifname, link.peer_index, ip, GATEWAY_IP, link.mac
+                        )
                 finally:
                     os.close(nsfd)
-                undo.append(("delete veth", lambda: nl.with_iproute(lambda r: nl.delete_link(r, host))))
-                nl.setup_host_side(ipr, link, ip)
-            pod_mac = nl.run_in_netns(
-                req.netns, lambda: nl.setup_pod_side(req.ifname, ip, GATEWAY_IP, link.mac)
-            )
             identity = ID_INIT
             if self.identity_resolver is not None and req.pod_name:
                 try:
@@ -434,9 +434,9 @@ class EndpointManager:
             raise self._translate(e, req) from e
 
     @staticmethod
-    def _create_veth(ipr: IPRoute, host: str, req: AddRequest, nsfd: int, mtu: int) -> nl.LinkInfo:
+    def _create_veth(rt: nl.Rtnl, host: str, req: AddRequest, nsfd: int, mtu: int) -> nl.LinkInfo:
         try:
-            return nl.create_veth(ipr, host, req.ifname, nsfd, mtu)
+            return nl.create_veth(rt, host, req.ifname, nsfd, mtu)
         except NetlinkError as e:
             if e.code == errno.EEXIST:
                 raise EndpointError(cniproto.ERR_INTERFACE_EXISTS,
@@ -481,8 +481,7 @@ class EndpointManager:
         if ip is not None:
             with contextlib.suppress(OSError):
                 self.endpoints_map.delete(ip)
-        with IPRoute() as ipr:
-            nl.delete_link(ipr, host_ifname(container_id, ifname))
+        nl.delete_host_link(host_ifname(container_id, ifname))
 
     def _teardown(self, ep: Endpoint) -> None:
         # unregister first: an update() racing with us must not rewrite the map entry we delete
@@ -497,10 +496,10 @@ class EndpointManager:
         cur = self.endpoints_map.lookup(ep.ipv4)
         if cur is not None and cur.lxc_id == ep.id:
             self.endpoints_map.delete(ep.ipv4)
-        with IPRoute() as ipr:
-            link = nl.link_info(ipr, ep.host_ifname)
+        with nl.Rtnl() as rt:
+            link = nl.link_info(rt, ep.host_ifname)
             if link is not None and link.index == ep.host_ifindex:
-                nl.delete_link(ipr, ep.host_ifname)
+                nl.delete_link_index(rt, link.index)
         self.ipam.release(ep.owner)
         self._unpersist(ep)
         if errors:
@@ -529,8 +528,8 @@ class EndpointManager:
                 problems.append(f"prevResult lists {sorted(addrs)}, the endpoint has {ep.ipv4}")
         if self.ipam.lookup(ep.owner) != ep.ipv4:
             problems.append(f"IPAM does not hold {ep.ipv4} for {ep.owner}")
-        with IPRoute() as ipr:
-            link = nl.link_info(ipr, ep.host_ifname)
+        with nl.Rtnl() as rt:
+            link = nl.link_info(rt, ep.host_ifname)
             if link is None:
                 problems.append(f"host veth {ep.host_ifname} is missing")
             else:
@@ -540,7 +539,7 @@ class EndpointManager:
                     )
                 if not link.up:
                     problems.append(f"host veth {ep.host_ifname} is down")
-                if not nl.host_route_ok(ipr, link.index, ep.ipv4):
+                if not nl.host_route_ok(rt, link.index, ep.ipv4):
                     problems.append(f"no route {ep.ipv4}/32 dev {ep.host_ifname}")
         info = self.endpoints_map.lookup(ep.ipv4)
         if info is None:
@@ -554,7 +553,8 @@ class EndpointManager:
         if callable(attached) and link is not None and not attached(ep.host_ifname):
             problems.append(f"datapath programs are not attached to {ep.host_ifname}")
         try:
-            view = nl.run_in_netns(ep.netns, lambda: nl.inspect_pod(ep.ifname))
+            with nl.Rtnl.at(ep.netns) as pod_rt:
+                view = nl.inspect_pod(pod_rt, ep.ifname)
         except nl.NetnsError as e:
             problems.append(str(e))
         else:
@@ -632,7 +632,7 @@ class EndpointManager:
         for tmp in self.state_dir.glob(".tmp-*"):
             with contextlib.suppress(OSError):
                 tmp.unlink()
-        with IPRoute() as ipr:
+        with nl.Rtnl() as rt:
             for path in files:
                 try:
                     ep = Endpoint.from_dict(json.loads(path.read_text()))
@@ -642,7 +642,7 @@ class EndpointManager:
                     )
                     continue
                 try:
-                    if self._restore_one(ipr, ep):
+                    if self._restore_one(rt, ep):
                         restored.append(ep)
                 except Exception as e:
                     log.error("endpoint restore failed", extra={"endpoint": ep.id, "error": str(e)})
@@ -663,15 +663,15 @@ class EndpointManager:
         log.info("endpoints restored", extra={"count": len(restored)})
         return [dataclasses.replace(e) for e in restored]
 
-    def _restore_one(self, ipr: IPRoute, ep: Endpoint) -> bool:
-        link = nl.link_info(ipr, ep.host_ifname)
+    def _restore_one(self, rt: nl.Rtnl, ep: Endpoint) -> bool:
+        link = nl.link_info(rt, ep.host_ifname)
         netns_gone = _netns_gone(ep.netns)
         if link is None or link.kind != "veth" or netns_gone:
             reason = "netns" if netns_gone else "veth"
             log.info(f"endpoint's {reason} is gone: cleaning up", extra={"endpoint": ep.id, "pod": ep.pod})
             if link is not None and link.kind == "veth":
                 # the kernel tears a deleted netns down asynchronously: do not wait for it
-                nl.delete_link(ipr, ep.host_ifname)
+                nl.delete_link_index(rt, link.index)
             if self.ipam.lookup(ep.owner) == ep.ipv4:
                 self.ipam.release(ep.owner)
             cur = self.endpoints_map.lookup(ep.ipv4)
@@ -687,7 +687,7 @@ class EndpointManager:
         if (link.index, link.mac) != (ep.host_ifindex, ep.host_mac):
             ep.host_ifindex, ep.host_mac = link.index, link.mac
             self._persist(ep)
-        nl.setup_host_side(ipr, link, ep.ipv4)
+        nl.setup_host_side(rt, link, ep.ipv4)
         self.endpoints_map.write(ep)
         try:
             self.datapath.attach(ep.host_ifname)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 from collections.abc import Iterator
@@ -16,13 +17,14 @@ from pycilium.agent.endpoint import (
     TcProgramAttacher,
     host_ifname,
 )
+from pycilium.agent.endpoint import netlink as nl
 from pycilium.agent.endpoint.model import EP_F_POLICY_EGRESS, EP_F_POLICY_INGRESS, ID_INIT
 from pycilium.bpf import loader
 from pycilium.bpf.maps.endpointmap import ENDPOINTS, EndpointInfo, EndpointKey
 from pycilium.bpf.maps.pinned import PinnedMap
 from pycilium.bpf.maps.util import ip_to_be32
 from pycilium.cni import protocol as p
-from pycilium.lab.netns import in_netns
+from pycilium.lab.netns import in_netns, run
 
 from tests.cni.helpers import Node, new_container_id, ping
 
@@ -152,6 +154,44 @@ def test_add_from_inside_an_asyncio_loop(node: Node) -> None:
     with in_netns(node.name):
         ep = asyncio.run(main())
     assert ping(node.name, ep.ipv4)
+
+
+def test_failed_pod_side_step_rolls_everything_back(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the neighbour request of the pod-side batch names an interface that does not exist: the
+    # kernel still applies the rest of the batch, the ADD fails with that step's error
+    def bad_neigh(index: int, ip: str, lladdr: str, state: int) -> nl.Request:
+        return real_neigh(index + 1000, ip, lladdr, state)
+
+    real_neigh = nl.neigh_request
+    monkeypatch.setattr(nl, "neigh_request", bad_neigh)
+    before_links, before = set(node.node_links()), node.ipam.status().allocated
+    cid, pod = new_container_id(), node.pod()
+    with node.inside(), pytest.raises(EndpointError) as ei:
+        node.manager.add(AddRequest(cid, "eth0", f"/var/run/netns/{pod}"))
+    assert ei.value.cni_code == p.ERR_DATAPATH and "netlink" in ei.value.msg
+    assert set(node.node_links()) == before_links and node.ipam.status().allocated == before
+    assert node.manager.get_by_container(cid) is None
+    assert not (Path(node.config.state_dir) / "endpoints" / f"{cid}.json").exists()
+    assert "eth0" not in run(["ip", "-br", "link"], netns=pod).stdout
+
+
+def test_rtnl_batch_and_netns_socket(node: Node) -> None:
+    here = os.stat("/proc/thread-self/ns/net").st_ino
+    pod = node.pod()
+    with nl.Rtnl.at(f"/var/run/netns/{pod}") as rt:
+        assert os.stat("/proc/thread-self/ns/net").st_ino == here  # the thread is back at once
+        missing, up, lo = rt.batch([nl.link_up_request("pcnope0"), nl.link_up_request("lo"),
+                                    nl.get_link_request("lo")])  # fmt: skip
+        assert missing.error == errno.ENODEV and up.error == 0 and lo.error == 0
+        info = nl.parse_link(lo.messages[0][1])
+        assert info.name == "lo" and info.up and info.index == 1
+        assert nl.link_info(rt, "pcnope0") is None and not nl.delete_link(rt, "pcnope0")
+        assert nl.inspect_pod(rt, "lo").link is not None
+    with pytest.raises(nl.NetnsError):
+        nl.Rtnl.at("/var/run/netns/pcnope-missing")
+    with pytest.raises(nl.NetnsError):
+        nl.Rtnl.at("/proc/self/status")  # not a netns: setns refuses it
+    assert os.stat("/proc/thread-self/ns/net").st_ino == here
 
 
 def test_restore_prunes_stale_map_entries_and_leaked_addresses(node: Node) -> None:

@@ -7,7 +7,9 @@ the network configuration on stdin) for the same pod network namespaces: first o
 `--concurrency` at once. pycilium-cni talks to the agent's CNI API and endpoint manager, run
 in-process here; ptp delegates to host-local. Everything happens inside network namespaces the
 benchmark creates (a "node" and one per pod) and removes again; the host's own network is not
-touched. Prints p50/p99/mean per operation and the pycilium/ptp ratios. Not a test.
+touched. Prints p50/p99/mean per operation, the CPU time per operation (user + system of the
+benchmark process, which hosts pycilium's agent side, plus the plugin processes; the kernel's own
+work on behalf of both counts too) and the pycilium/ptp ratios. Not a test.
 
 Both plugins keep their state (pycilium's ipam.json and endpoint files, host-local's dataDir) under
 --state-base; every pycilium state change is fsync'ed, so a tmpfs base (/dev/shm: like the default
@@ -20,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -75,12 +78,18 @@ class Plugin:
         return percentile(ts, 0.5)
 
 
+def cpu_seconds() -> float:
+    """CPU (user + system) of this process (the in-process agent, the runner) and its plugin processes."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def measure(plugin: Plugin, pods: list[str], concurrency: int, tag: str) -> dict[str, list[float]]:
     cids = {pod: f"{tag}{uuid.uuid4().hex}" for pod in pods}
     out: dict[str, list[float]] = {}
     for op in ("ADD", "DEL"):
         fn: Callable[[str], float] = lambda pod, op=op: plugin.run(op, cids[pod], pod)  # noqa: E731
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         if concurrency <= 1:
             lat = [fn(pod) for pod in pods]
         else:
@@ -88,6 +97,7 @@ def measure(plugin: Plugin, pods: list[str], concurrency: int, tag: str) -> dict
                 lat = list(ex.map(fn, pods))
         out[op] = lat
         out[op + "_wall"] = [time.perf_counter() - t0]
+        out[op + "_cpu"] = [(cpu_seconds() - c0) / len(pods)]
     return out
 
 
@@ -151,14 +161,16 @@ def main(argv: list[str] | None = None) -> int:
           "milliseconds (lower is better)")  # fmt: skip
     print(f"plugin start (VERSION) p50: pycilium-cni {results['version_p50_ms']['pycilium-cni']:.1f}, "
           f"ptp {results['version_p50_ms']['ptp+host-local']:.1f}")  # fmt: skip
-    print(f"{'mode':<14} {'plugin':<16} {'op':<4} {'p50':>7} {'p99':>7} {'mean':>7} {'pods/s':>7}")
+    print(
+        f"{'mode':<14} {'plugin':<16} {'op':<4} {'p50':>7} {'p99':>7} {'mean':>7} {'pods/s':>7} {'cpu/op':>7}"
+    )
     for mode in [m for m in results if m != "version_p50_ms"]:
         for label, r in results[mode].items():
             for op in ("ADD", "DEL"):
                 lat = [x * 1000 for x in r[op]]
                 rate = len(lat) / r[op + "_wall"][0]
                 print(f"{mode:<14} {label:<16} {op:<4} {percentile(lat, 0.5):7.1f} {percentile(lat, 0.99):7.1f} "
-                      f"{statistics.fmean(lat):7.1f} {rate:7.1f}")  # fmt: skip
+                      f"{statistics.fmean(lat):7.1f} {rate:7.1f} {r[op + '_cpu'][0] * 1000:7.1f}")  # fmt: skip
     print("ratio pycilium-cni / ptp+host-local (below 1: pycilium faster)")
     for mode in [m for m in results if m != "version_p50_ms"]:
         a, b = results[mode]["pycilium-cni"], results[mode]["ptp+host-local"]

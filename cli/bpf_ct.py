@@ -17,9 +17,7 @@ list in well under a second.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import socket
-import struct
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -27,6 +25,7 @@ from typing import Any
 from pycilium.bpf import syscall as sc
 from pycilium.bpf.maps.ctmap import Ct4Key, CtEntry
 from pycilium.bpf.maps.defines import d
+from pycilium.bpf.maps.packing import packer
 from pycilium.cli.maps import bpf_error, open_map
 from pycilium.cli.output import note, print_json, proto_name, write_lines
 
@@ -34,9 +33,8 @@ CT_MAPS = ("ct4_global", "ct_any4_global")
 
 # Decoders for the raw key/value bytes (checked against the ctypes mirror in tests). The key holds
 # only network-order fields and bytes, so it is decoded big-endian; the value is host order.
-KEY = struct.Struct(">4s4sHHBB2x")
-VALUE = struct.Struct("<IIQQIHHHBBIII")
-assert KEY.size == ctypes.sizeof(Ct4Key) and VALUE.size == ctypes.sizeof(CtEntry)
+KEY = packer(Ct4Key, {"saddr": "4s", "daddr": "4s"}, skip=("pad",), order=">")
+VALUE = packer(CtEntry)
 
 DIRECTIONS = {
     d("CT_DIR_OUT"): "OUT",

@@ -12,9 +12,7 @@ OUT entries rewrite the source (masquerade), IN entries restore the destination 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import socket
-import struct
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -22,14 +20,14 @@ from typing import Any
 from pycilium.bpf import syscall as sc
 from pycilium.bpf.maps.defines import d
 from pycilium.bpf.maps.natmap import Nat4Entry
+from pycilium.bpf.maps.packing import packer
 from pycilium.cli.bpf_ct import KEY
 from pycilium.cli.maps import bpf_error, open_map
 from pycilium.cli.output import note, print_json, proto_name, write_lines
 
 NAT_MAP = "snat_v4_external"
 # created u64 (host order), to_addr (network order, raw), to_port (network order), needs_ct u8, pad
-VALUE = struct.Struct("<Q4s2sBx")
-assert VALUE.size == ctypes.sizeof(Nat4Entry)
+VALUE = packer(Nat4Entry, {"to_addr": "4s", "to_port": "2s"}, skip=("pad",))
 
 _OUT, _IN = d("CT_DIR_OUT"), d("CT_DIR_IN")
 

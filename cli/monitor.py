@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import fcntl
 import hashlib
 import json
 import os
 import signal
 import socket
-import struct
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -32,13 +30,13 @@ from typing import Any, TextIO
 
 from pycilium.bpf.maps.defines import d, reason_text
 from pycilium.bpf.maps.events import MonitorEvent
+from pycilium.bpf.maps.packing import packer
 from pycilium.cli.errors import CliError
 from pycilium.cli.maps import open_map
 from pycilium.cli.output import note, proto_name, tcp_flags_text
 
 EVENTS_MAP = "events"
-EVENT = struct.Struct("<BBHIIII4s4sHHBBBBHBxQ")
-assert EVENT.size == ctypes.sizeof(MonitorEvent)
+EVENT = packer(MonitorEvent, {"saddr": "4s", "daddr": "4s"}, skip=("pad",))
 
 EVENT_DROP, EVENT_TRACE, EVENT_POLICY_VERDICT = d("EVENT_DROP"), d("EVENT_TRACE"), d("EVENT_POLICY_VERDICT")
 TYPE_NAMES = {EVENT_DROP: "drop", EVENT_TRACE: "trace", EVENT_POLICY_VERDICT: "policy-verdict"}

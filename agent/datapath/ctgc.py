@@ -20,6 +20,7 @@ from pycilium.bpf.maps.ctmap import CT4_GLOBAL, CT_ANY4_GLOBAL, Ct4Key, CtEntry
 from pycilium.bpf.maps.defines import d
 from pycilium.bpf.maps.metricsmap import METRICS
 from pycilium.bpf.maps.natmap import SNAT_V4_EXTERNAL, Nat4Entry
+from pycilium.bpf.maps.packing import packer
 
 log = logging.getLogger("pycilium.datapath.ctgc")
 
@@ -60,11 +61,14 @@ def _nat_keys_for(key_raw: bytes, nat: PinnedMap[Ct4Key, Nat4Entry]) -> list[byt
     return [bytes(k), bytes(rev)]
 
 
+_LIFETIME = packer(CtEntry, only=("lifetime",))
+
+
 def gc_pass(bpf_root: str, now: float | None = None) -> GCResult:
     """One pass over both CT maps; deletes expired entries and their NAT mappings."""
     now_s = int(time.monotonic() if now is None else now)
     res = GCResult()
-    life_off = CtEntry.lifetime.offset
+    lifetime_of = _LIFETIME.unpack_from
     nat_flows = (d("CT_DIR_OUT"), d("CT_DIR_NODEPORT"))
     flags_off = Ct4Key.flags.offset
     try:
@@ -79,8 +83,7 @@ def gc_pass(bpf_root: str, now: float | None = None) -> GCResult:
                 total = 0
                 for k, v in ct.raw_items():
                     total += 1
-                    lifetime = int.from_bytes(v[life_off : life_off + 4], "little")
-                    if lifetime < now_s:
+                    if lifetime_of(v)[0] < now_s:
                         expired.append(k)
                         if nat is not None and k[flags_off] in nat_flows:
                             nat_keys.extend(_nat_keys_for(k, nat))

@@ -90,17 +90,17 @@ def open_netns(path: str) -> int:
 # ---- message encoding ----------------------------------------------------------------------------
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
+def attr(kind: int, payload: bytes) -> bytes:
     n = 4 + len(payload)
     return _ATTR.pack(n, kind) + payload + b"\0" * (-n % 4)
 
 
-def _attr_u32(kind: int, value: int) -> bytes:
-    return _attr(kind, _U32.pack(value))
+def attr_u32(kind: int, value: int) -> bytes:
+    return attr(kind, _U32.pack(value))
 
 
-def _attr_str(kind: int, value: str) -> bytes:
-    return _attr(kind, value.encode() + b"\0")
+def attr_str(kind: int, value: str) -> bytes:
+    return attr(kind, value.encode() + b"\0")
 
 
 def _ipv4(ip: str) -> bytes:
@@ -111,7 +111,7 @@ def _mac_bytes(mac: str) -> bytes:
     return bytes.fromhex(mac.replace(":", ""))
 
 
-def _attrs(data: bytes | memoryview, off: int = 0) -> dict[int, memoryview]:
+def parse_attrs(data: bytes | memoryview, off: int = 0) -> dict[int, memoryview]:
     """The attributes of one level (first occurrence of each type; NLA_F_* bits masked)."""
     mv = memoryview(data)
     out: dict[int, memoryview] = {}
@@ -125,7 +125,7 @@ def _attrs(data: bytes | memoryview, off: int = 0) -> dict[int, memoryview]:
     return out
 
 
-def _str_attr(v: memoryview) -> str:
+def str_attr(v: memoryview) -> str:
     return bytes(v).split(b"\0", 1)[0].decode()
 
 
@@ -307,25 +307,25 @@ def _ifinfo(index: int = 0, flags: int = 0, change: int = 0) -> bytes:
 
 
 def get_link_request(name: str | None = None, index: int = 0) -> Request:
-    return Request(RTM_GETLINK, 0, _ifinfo(index) + (_attr_str(IFLA_IFNAME, name) if name else b""), get=True)
+    return Request(RTM_GETLINK, 0, _ifinfo(index) + (attr_str(IFLA_IFNAME, name) if name else b""), get=True)
 
 
 def delete_link_request(name: str | None = None, index: int = 0) -> Request:
-    return Request(RTM_DELLINK, 0, _ifinfo(index) + (_attr_str(IFLA_IFNAME, name) if name else b""))
+    return Request(RTM_DELLINK, 0, _ifinfo(index) + (attr_str(IFLA_IFNAME, name) if name else b""))
 
 
 def link_up_request(name: str | None = None, index: int = 0) -> Request:
-    body = _ifinfo(index, IFF_UP, IFF_UP) + (_attr_str(IFLA_IFNAME, name) if name else b"")
+    body = _ifinfo(index, IFF_UP, IFF_UP) + (attr_str(IFLA_IFNAME, name) if name else b"")
     return Request(RTM_NEWLINK, 0, body)
 
 
 def veth_request(host: str, peer: str, netns_fd: int, mtu: int) -> Request:
-    peer_info = _ifinfo() + _attr_str(IFLA_IFNAME, peer) + _attr_u32(IFLA_NET_NS_FD, netns_fd)
-    peer_info += _attr_u32(IFLA_MTU, mtu)
-    linkinfo = _attr_str(IFLA_INFO_KIND, "veth")
-    linkinfo += _attr(IFLA_INFO_DATA | NLA_F_NESTED, _attr(VETH_INFO_PEER | NLA_F_NESTED, peer_info))
-    body = _ifinfo() + _attr_str(IFLA_IFNAME, host) + _attr_u32(IFLA_MTU, mtu)
-    body += _attr(IFLA_LINKINFO | NLA_F_NESTED, linkinfo)
+    peer_info = _ifinfo() + attr_str(IFLA_IFNAME, peer) + attr_u32(IFLA_NET_NS_FD, netns_fd)
+    peer_info += attr_u32(IFLA_MTU, mtu)
+    linkinfo = attr_str(IFLA_INFO_KIND, "veth")
+    linkinfo += attr(IFLA_INFO_DATA | NLA_F_NESTED, attr(VETH_INFO_PEER | NLA_F_NESTED, peer_info))
+    body = _ifinfo() + attr_str(IFLA_IFNAME, host) + attr_u32(IFLA_MTU, mtu)
+    body += attr(IFLA_LINKINFO | NLA_F_NESTED, linkinfo)
     return Request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body)
 
 
@@ -334,24 +334,24 @@ def route_request(dst: str, dst_len: int, oif: int, *, scope: int = RT_SCOPE_UNI
     """``ip route replace`` in the main table, protocol static."""
     body = _RTMSG.pack(socket.AF_INET, dst_len, 0, 0, RT_TABLE_MAIN, RTPROT_STATIC, scope, RTN_UNICAST, flags)
     if dst_len:
-        body += _attr(RTA_DST, _ipv4(dst))
+        body += attr(RTA_DST, _ipv4(dst))
     if gateway:
-        body += _attr(RTA_GATEWAY, _ipv4(gateway))
-    body += _attr_u32(RTA_OIF, oif)
+        body += attr(RTA_GATEWAY, _ipv4(gateway))
+    body += attr_u32(RTA_OIF, oif)
     return Request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, body)
 
 
 def addr_request(index: int, ip: str, prefixlen: int) -> Request:
     """``ip addr replace ip/prefixlen dev index``."""
     body = _IFADDR.pack(socket.AF_INET, prefixlen, 0, RT_SCOPE_UNIVERSE, index)
-    body += _attr(IFA_ADDRESS, _ipv4(ip)) + _attr(IFA_LOCAL, _ipv4(ip))
+    body += attr(IFA_ADDRESS, _ipv4(ip)) + attr(IFA_LOCAL, _ipv4(ip))
     return Request(RTM_NEWADDR, NLM_F_CREATE | NLM_F_REPLACE, body)
 
 
 def neigh_request(index: int, ip: str, lladdr: str, state: int) -> Request:
     """``ip neigh replace ip lladdr lladdr dev index nud state``."""
     body = _NDMSG.pack(socket.AF_INET, index, state, 0, 0)
-    body += _attr(NDA_DST, _ipv4(ip)) + _attr(NDA_LLADDR, _mac_bytes(lladdr))
+    body += attr(NDA_DST, _ipv4(ip)) + attr(NDA_LLADDR, _mac_bytes(lladdr))
     return Request(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE, body)
 
 
@@ -391,13 +391,13 @@ class LinkInfo:
 
 def parse_link(body: bytes) -> LinkInfo:
     _family, _type, index, flags, _change = _IFINFO.unpack_from(body)
-    a = _attrs(body, _IFINFO.size)
+    a = parse_attrs(body, _IFINFO.size)
     kind = ""
     if IFLA_LINKINFO in a:
-        info = _attrs(a[IFLA_LINKINFO])
+        info = parse_attrs(a[IFLA_LINKINFO])
         if IFLA_INFO_KIND in info:
-            kind = _str_attr(info[IFLA_INFO_KIND])
-    name = _str_attr(a[IFLA_IFNAME]) if IFLA_IFNAME in a else ""
+            kind = str_attr(info[IFLA_INFO_KIND])
+    name = str_attr(a[IFLA_IFNAME]) if IFLA_IFNAME in a else ""
     mac = _mac_str(a[IFLA_ADDRESS]) if IFLA_ADDRESS in a else ""
     mtu = _U32.unpack(a[IFLA_MTU])[0] if IFLA_MTU in a else 0
     peer = _I32.unpack(a[IFLA_LINK])[0] if IFLA_LINK in a else None
@@ -468,7 +468,7 @@ def host_route_ok(rt: Rtnl, link_index: int, pod_ip: str) -> bool:
     want = _ipv4(pod_ip)
     for _kind, body in rt.dump(RTM_GETROUTE, _RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)):
         _f, dst_len, _s, _t, table, _p, _sc, _ty, _fl = _RTMSG.unpack_from(body)
-        a = _attrs(body, _RTMSG.size)
+        a = parse_attrs(body, _RTMSG.size)
         if RTA_TABLE in a:
             table = _U32.unpack(a[RTA_TABLE])[0]
         if dst_len != 32 or table != RT_TABLE_MAIN or bytes(a.get(RTA_DST, b"")) != want:
@@ -530,12 +530,12 @@ def inspect_pod(rt: Rtnl, ifname: str) -> PodView:
     i = view.link.index
     for _k, body in rt.dump(RTM_GETADDR, _IFADDR.pack(socket.AF_INET, 0, 0, 0, 0)):
         family, prefixlen, _f, _scope, index = _IFADDR.unpack_from(body)
-        a = _attrs(body, _IFADDR.size)
+        a = parse_attrs(body, _IFADDR.size)
         if family == socket.AF_INET and index == i and IFA_ADDRESS in a:
             view.addresses.append(f"{socket.inet_ntoa(a[IFA_ADDRESS])}/{prefixlen}")
     for _k, body in rt.dump(RTM_GETROUTE, _RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)):
         family, dst_len, _s, _t, table, _p, _sc, _ty, _fl = _RTMSG.unpack_from(body)
-        a = _attrs(body, _RTMSG.size)
+        a = parse_attrs(body, _RTMSG.size)
         if RTA_TABLE in a:
             table = _U32.unpack(a[RTA_TABLE])[0]
         if family == socket.AF_INET and table == RT_TABLE_MAIN and dst_len == 0:
@@ -543,7 +543,7 @@ def inspect_pod(rt: Rtnl, ifname: str) -> PodView:
             view.default_oif = _I32.unpack(a[RTA_OIF])[0] if RTA_OIF in a else None
     for _k, body in rt.dump(RTM_GETNEIGH, _NDMSG.pack(socket.AF_INET, 0, 0, 0, 0)):
         family, index, state, _f, _t = _NDMSG.unpack_from(body)
-        a = _attrs(body, _NDMSG.size)
+        a = parse_attrs(body, _NDMSG.size)
         if family == socket.AF_INET and index == i and NDA_DST in a:
             lladdr = _mac_str(a[NDA_LLADDR]) if NDA_LLADDR in a else ""
             view.neighbours[socket.inet_ntoa(a[NDA_DST])] = (lladdr, state)

@@ -232,6 +232,23 @@ def test_tc_program_attacher_with_real_programs(pin_root: str) -> None:
         prog.close()
 
 
+def test_tc_program_attacher_errors(node: Node) -> None:
+    ep = _add(node)
+    bad = TcProgramAttacher(1 << 20, 1 << 20)  # not an open fd: the kernel says EBADF
+    with node.inside():
+        with pytest.raises(
+            loader.DatapathError, match=f"cannot attach from-container to {ep.host_ifname} ingress"
+        ):
+            bad.attach(ep.host_ifname)
+        with pytest.raises(loader.DatapathError, match="no such network device"):
+            bad.attach("pcnope0")
+        assert not bad.attached(ep.host_ifname) and not bad.attached("pcnope0")
+        bad.detach(ep.host_ifname)  # the qdisc the failed attach left
+        bad.detach(ep.host_ifname)  # nothing attached: fine
+        bad.detach("pcnope0")  # no device: fine
+        node.manager.delete(ep.container_id)
+
+
 def test_bpf_lxc_datapath(pin_root: str) -> None:
     """With the real lxc programs attached: pod-to-pod (redirect by the endpoints map) and host-to-pod."""
     prog = loader.compile_program("bpf_lxc", loader.NodeDefines(pin_root, loader.sizes_from_config(None)))

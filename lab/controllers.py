@@ -2,12 +2,12 @@
 
 - Scheduler: Pods without spec.nodeName (and with the default scheduler) are bound round-robin to
   the lab's Nodes (label `lab.pycilium.io/node`; every Node when none has it), through the
-  pods/binding subresource, or by setting spec.nodeName where the server has no binding.
-- Deployments: `spec.replicas` Pods named `<deployment>-<template hash>-<5 random>` with the
-  template's labels plus `pod-template-hash`, owned by the Deployment; a changed template creates
-  the new Pods first and removes the old ones once the new ones are Ready; status counts are kept
-  up to date; Pods whose owning Deployment is gone are deleted (the lab server has no garbage
-  collector).
+  pods/binding subresource (or by setting spec.nodeName on a server without it).
+- Deployments: `spec.replicas` Pods (also when set through the deployments/scale subresource),
+  named `<deployment>-<template hash>-<5 random>` with the template's labels plus
+  `pod-template-hash`, owned by the Deployment; a changed template creates the new Pods first and
+  removes the old ones once the new ones are Ready; status counts are kept up to date; Pods whose
+  owning Deployment is gone are deleted (the lab server has no garbage collector).
 - EndpointSlices: per Service with a selector, discovery.k8s.io/v1 slices labelled
   `kubernetes.io/service-name` and `endpointslice.kubernetes.io/managed-by: pycilium-lab`, one per
   distinct port mapping (named targetPorts resolve per pod through its containerPorts), endpoints
@@ -366,7 +366,7 @@ class Controllers:
         except APIError as e:
             if e.status not in (404, 405):
                 raise
-        # the lab server has no binding subresource: it lets spec.nodeName be set instead
+        # a server without the binding subresource: set spec.nodeName instead
         self.kube.patch(POD, name, {"spec": {"nodeName": node}}, ns)
 
     # -- deployments -------------------------------------------------------------------------------

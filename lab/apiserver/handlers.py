@@ -6,6 +6,9 @@ time:
     /api/v1/[watch/][namespaces/<ns>/]<plural>[/<name>[/status]]
     /apis/<group>/<version>/[watch/][namespaces/<ns>/]<plural>[/<name>[/status]]
 
+plus the subresources of subresources.py (`deployments/<name>/scale`, `pods/<name>/binding`) and
+the create-only `bindings` collection.
+
 Every response body is JSON; errors are `Status` objects. Request bodies are JSON, or YAML for
 server-side apply (`application/apply-patch+yaml`).
 """
@@ -20,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from aiohttp import web
 
-from . import discovery, protobuf, tables
+from . import discovery, protobuf, subresources, tables
 from .errors import APIError, bad_request, status_object
 from .patch import PATCH_TYPES
 from .resources import ResourceType
@@ -124,6 +127,7 @@ def _resource_route(server: APIServer, group: str, version: str, rest: list[str]
         sub is not None
         and not (sub == "status" and rt.has_status)
         and not (sub == "finalize" and rt.plural == "namespaces")
+        and sub not in rt.subresources
     ):
         raise not_found_path()
     if rt.namespaced and name is not None and ns is None:
@@ -187,6 +191,10 @@ async def _resource(
     dry_run = q.get("dryRun") == "All"
     status = sub == "status"
     ns_arg = ns or ""
+    if sub in rt.subresources or "list" not in rt.verbs:
+        if watch_prefix:
+            raise not_found_path()
+        return await _subresource(server, request, rt, ns_arg, name, sub)
     if method == "GET":
         table = tables.wants_table(request.headers.get("Accept", ""))
         labels = parse_label_selector(q.get("labelSelector"))
@@ -238,6 +246,40 @@ async def _resource(
         obj, finished = api.delete(rt, ns_arg, name, await _delete_options(request), dry_run=dry_run)
         return json_response(obj, 200 if finished else 202)
     raise APIError(405, "MethodNotAllowed", f"{method} is not supported")
+
+
+async def _subresource(
+    server: APIServer, request: web.Request, rt: ResourceType, ns: str, name: str | None, sub: str | None
+) -> web.Response:
+    """deployments/NAME/scale, pods/NAME/binding, and the create-only `bindings` collection."""
+    api, method = server.api, request.method
+    dry_run = request.query.get("dryRun") == "All"
+    if sub == "scale" and name is not None:
+        if method == "GET":
+            return json_response(subresources.get_scale(api, rt, ns, name))
+        if method == "PUT":
+            return json_response(
+                subresources.update_scale(api, rt, ns, name, await _body(request), dry_run=dry_run)
+            )
+        if method == "PATCH":
+            kind = PATCH_TYPES.get(request.content_type)
+            if kind is None:
+                raise APIError(
+                    415,
+                    "UnsupportedMediaType",
+                    f"the body of the request was in an unknown format: {request.content_type}",
+                )
+            body = await _body(request)
+            return json_response(subresources.patch_scale(api, rt, ns, name, kind, body, dry_run=dry_run))
+        raise APIError(405, "MethodNotAllowed", f"{method} is not supported on {rt.plural}/scale")
+    pods = server.registry.get("", "v1", "pods")
+    binding = (sub == "binding" and name is not None) or (sub is None and name is None and ns != "")
+    if pods is not None and binding:
+        if method != "POST":
+            raise APIError(405, "MethodNotAllowed", f"{method} is not supported on a binding")
+        status = subresources.bind(api, pods, ns, name, await _body(request), dry_run=dry_run)
+        return json_response(status, 201)
+    raise not_found_path()
 
 
 async def _delete_options(request: web.Request) -> Obj:

@@ -10,6 +10,13 @@ Obj = dict[str, Any]
 
 ALL_VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
 
+# Subresources besides status, served by subresources.py: name -> (group, version, kind, verbs)
+# of what they take and return ("" group and version: the parent's own, as discovery leaves them out).
+SUBRESOURCES: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
+    "scale": ("autoscaling", "v1", "Scale", ("get", "patch", "update")),
+    "binding": ("", "", "Binding", ("create",)),
+}
+
 
 @dataclass(frozen=True)
 class ResourceType:
@@ -24,6 +31,7 @@ class ResourceType:
     categories: tuple[str, ...] = ()
     verbs: tuple[str, ...] = tuple(ALL_VERBS)
     printer_columns: tuple[tuple[str, str, int], ...] = ()  # CRD additionalPrinterColumns (name, path, prio)
+    subresources: tuple[str, ...] = ()  # keys of SUBRESOURCES this type serves
 
     @property
     def key(self) -> str:
@@ -70,6 +78,12 @@ class ResourceType:
                     "verbs": ["get", "patch", "update"],
                 }
             )
+        for sub in self.subresources:
+            group, version, kind, verbs = SUBRESOURCES[sub]
+            e: Obj = {"name": f"{self.plural}/{sub}", "singularName": "", "namespaced": self.namespaced}
+            if group or version:
+                e.update(group=group, version=version)
+            out.append({**e, "kind": kind, "verbs": list(verbs)})
         return out
 
 
@@ -82,6 +96,8 @@ def _rt(
     short: tuple[str, ...] = (),
     status: bool = False,
     categories: tuple[str, ...] = (),
+    subresources: tuple[str, ...] = (),
+    verbs: tuple[str, ...] = tuple(ALL_VERBS),
 ) -> ResourceType:
     return ResourceType(
         group=group,
@@ -93,13 +109,16 @@ def _rt(
         short_names=short,
         has_status=status,
         categories=categories,
+        subresources=subresources,
+        verbs=verbs,
     )
 
 
 BUILTIN: list[ResourceType] = [
     _rt("", "v1", "namespaces", "Namespace", False, ("ns",), status=True),
     _rt("", "v1", "nodes", "Node", False, ("no",), status=True),
-    _rt("", "v1", "pods", "Pod", True, ("po",), status=True, categories=("all",)),
+    _rt("", "v1", "pods", "Pod", True, ("po",), status=True, categories=("all",), subresources=("binding",)),
+    _rt("", "v1", "bindings", "Binding", True, verbs=("create",)),
     _rt("", "v1", "services", "Service", True, ("svc",), status=True, categories=("all",)),
     _rt("", "v1", "endpoints", "Endpoints", True, ("ep",)),
     _rt("", "v1", "configmaps", "ConfigMap", True, ("cm",)),
@@ -108,7 +127,17 @@ BUILTIN: list[ResourceType] = [
     _rt("", "v1", "events", "Event", True, ("ev",)),
     _rt("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", True),
     _rt("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", True, ("netpol",)),
-    _rt("apps", "v1", "deployments", "Deployment", True, ("deploy",), status=True, categories=("all",)),
+    _rt(
+        "apps",
+        "v1",
+        "deployments",
+        "Deployment",
+        True,
+        ("deploy",),
+        status=True,
+        categories=("all",),
+        subresources=("scale",),
+    ),
     _rt("apps", "v1", "daemonsets", "DaemonSet", True, ("ds",), status=True, categories=("all",)),
     _rt("coordination.k8s.io", "v1", "leases", "Lease", True),
     _rt(

@@ -265,6 +265,154 @@ def test_leases_and_endpointslices(api: client.ApiClient, ns: str) -> None:
     assert got[0].endpoints[0].addresses == ["10.0.0.5"]
 
 
+# --- subresources: deployments/scale, pods/binding, bindings --------------------------------------
+
+
+def test_deployment_scale_subresource(api: client.ApiClient, ns: str) -> None:
+    apps = client.AppsV1Api(api)
+    selector = {
+        "matchLabels": {"app": "web"},
+        "matchExpressions": [{"key": "tier", "operator": "In", "values": ["b", "a"]}],
+    }
+    template = {"metadata": {"labels": {"app": "web", "tier": "a"}}, "spec": {"containers": [{"name": "c"}]}}
+    dep = apps.create_namespaced_deployment(
+        ns, {"metadata": {"name": "web"}, "spec": {"replicas": 3, "selector": selector, "template": template}}
+    )
+    apps.patch_namespaced_deployment_status("web", ns, {"status": {"replicas": 2}})
+    sc = apps.read_namespaced_deployment_scale("web", ns)
+    assert (sc.kind, sc.api_version) == ("Scale", "autoscaling/v1")
+    assert sc.metadata.name == "web" and sc.metadata.uid == dep.metadata.uid
+    assert sc.spec.replicas == 3 and sc.status.replicas == 2
+    assert sc.status.selector == "app=web,tier in (a,b)"
+
+    # PATCH (a dict: strategic merge patch) changes spec.replicas and nothing else of the Deployment
+    sc = apps.patch_namespaced_deployment_scale("web", ns, {"spec": {"replicas": 5}})
+    assert sc.spec.replicas == 5
+    d = apps.read_namespaced_deployment("web", ns)
+    assert d.spec.replicas == 5 and d.metadata.generation == 2 and d.status.replicas == 2
+    assert d.spec.template.metadata.labels == {"app": "web", "tier": "a"}
+    assert sc.metadata.resource_version == d.metadata.resource_version
+    # JSON patch on the Scale
+    sc = apps.patch_namespaced_deployment_scale(
+        "web", ns, [{"op": "replace", "path": "/spec/replicas", "value": 0}]
+    )
+    assert sc.spec.replicas == 0 and apps.read_namespaced_deployment("web", ns).spec.replicas == 0
+
+    # PUT with the current resourceVersion; a stale one is a Conflict and changes nothing
+    sc.spec.replicas = 4
+    fresh = apps.replace_namespaced_deployment_scale("web", ns, sc)
+    assert fresh.spec.replicas == 4 and fresh.metadata.resource_version != sc.metadata.resource_version
+    sc.spec.replicas = 7
+    with pytest.raises(ApiException) as ei:
+        apps.replace_namespaced_deployment_scale("web", ns, sc)
+    assert ei.value.status == 409 and status_of(ei.value)["reason"] == "Conflict"
+    # negative replicas are invalid; a missing Deployment is 404
+    url = f"{api.configuration.host}/apis/apps/v1/namespaces/{ns}/deployments"
+    code, st = http(f"{url}/web/scale", "PUT", {"spec": {"replicas": -1}})
+    assert code == 422 and st["reason"] == "Invalid" and "spec.replicas" in st["message"]
+    assert apps.read_namespaced_deployment("web", ns).spec.replicas == 4
+    with pytest.raises(ApiException) as ei:
+        apps.read_namespaced_deployment_scale("nope", ns)
+    assert ei.value.status == 404
+    # dryRun changes nothing; a subresource cannot be deleted or watched
+    code, st = http(
+        f"{url}/web/scale?dryRun=All", "PATCH", {"spec": {"replicas": 9}}, "application/merge-patch+json"
+    )
+    assert code == 200 and st["spec"]["replicas"] == 9
+    assert apps.read_namespaced_deployment_scale("web", ns).spec.replicas == 4
+    assert http(f"{url}/web/scale", "DELETE")[0] == 405
+    assert (
+        http(f"{api.configuration.host}/apis/apps/v1/watch/namespaces/{ns}/deployments/web/scale")[0] == 404
+    )
+
+    # without spec.replicas the Deployment counts as 1 replica
+    apps.create_namespaced_deployment(
+        ns, {"metadata": {"name": "one"}, "spec": {"selector": selector, "template": template}}
+    )
+    assert apps.read_namespaced_deployment_scale("one", ns).spec.replicas == 1
+    # a watch on Deployments sees the scale change as a MODIFIED event
+    rv = apps.list_namespaced_deployment(ns).metadata.resource_version
+    apps.patch_namespaced_deployment_scale("one", ns, {"spec": {"replicas": 2}})
+    w = watch.Watch()
+    seen = [(ev["type"], ev["object"].metadata.name, ev["object"].spec.replicas)
+            for ev in w.stream(apps.list_namespaced_deployment, ns, resource_version=rv, timeout_seconds=1)]  # fmt: skip
+    assert seen == [("MODIFIED", "one", 2)]
+
+
+def test_scale_and_binding_are_in_discovery(api: client.ApiClient) -> None:
+    apps = {r.name: r for r in client.AppsV1Api(api).get_api_resources().resources}
+    scale = apps["deployments/scale"]
+    assert (scale.group, scale.version, scale.kind) == ("autoscaling", "v1", "Scale")
+    assert sorted(scale.verbs) == ["get", "patch", "update"] and scale.namespaced
+    core = {r.name: r for r in client.CoreV1Api(api).get_api_resources().resources}
+    assert core["pods/binding"].kind == "Binding" and core["pods/binding"].verbs == ["create"]
+    assert core["bindings"].kind == "Binding" and core["bindings"].verbs == ["create"]
+    assert "daemonsets/scale" not in apps and "services/binding" not in core
+
+
+def test_pod_binding_assigns_a_node_once(v1: client.CoreV1Api, ns: str) -> None:
+    def binding(name: str, node: str, **meta: Any) -> dict[str, Any]:
+        return {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name, **meta},
+                "target": {"apiVersion": "v1", "kind": "Node", "name": node}}  # fmt: skip
+
+    for name in ("a", "b", "c"):
+        v1.create_namespaced_pod(ns, pod(name))
+    rv = v1.list_namespaced_pod(ns).metadata.resource_version
+    uid = v1.read_namespaced_pod("a", ns).metadata.uid
+    # the answer is a Status, which the client cannot read as a V1Binding: take it raw
+    r = v1.create_namespaced_pod_binding(
+        "a", ns, binding("a", "node1", uid=uid, annotations={"lab/why": "test"}), _preload_content=False
+    )
+    st = json.loads(r.data)
+    assert r.status == 201 and (st["kind"], st["status"], st["code"]) == ("Status", "Success", 201)
+    p = v1.read_namespaced_pod("a", ns)
+    assert p.spec.node_name == "node1" and p.metadata.annotations == {"lab/why": "test"}
+    assert [(c.type, c.status) for c in p.status.conditions] == [("PodScheduled", "True")]
+    assert p.status.phase == "Pending"
+
+    # a bound pod cannot be bound again, not even to the same node
+    for node in ("node2", "node1"):
+        with pytest.raises(ApiException) as ei:
+            v1.create_namespaced_pod_binding("a", ns, binding("a", node), _preload_content=False)
+        st = status_of(ei.value)
+        assert ei.value.status == 409 and st["reason"] == "Conflict" and "already assigned" in st["message"]
+    assert v1.read_namespaced_pod("a", ns).spec.node_name == "node1"
+
+    # the bindings collection names the pod in the Binding
+    r = v1.create_namespaced_binding(ns, binding("b", "node2"), _preload_content=False)
+    assert r.status == 201 and v1.read_namespaced_pod("b", ns).spec.node_name == "node2"
+
+    url = f"{v1.api_client.configuration.host}/api/v1/namespaces/{ns}"
+    bad = [
+        ("pods/c/binding", binding("other", "node1"), 400),  # name differs from the URL's
+        ("pods/c/binding", binding("c", "node1", uid="not-its-uid"), 409),
+        ("pods/c/binding", {"kind": "Binding", "metadata": {"name": "c"}, "target": {}}, 422),
+        ("pods/gone/binding", binding("gone", "node1"), 404),
+        ("bindings", binding("gone", "node1"), 404),
+    ]
+    for path, body, code in bad:
+        got, st = http(f"{url}/{path}", "POST", body)
+        assert (got, st["kind"]) == (code, "Status"), (path, st)
+    assert http(f"{url}/pods/c/binding")[0] == 405
+    assert http(f"{url}/bindings")[0] == 405
+    code, _ = http(f"{url}/pods/c/binding?dryRun=All", "POST", binding("c", "node1"))
+    assert code == 201 and v1.read_namespaced_pod("c", ns).spec.node_name is None
+
+    # a pod being deleted is not bound
+    v1.patch_namespaced_pod("c", ns, {"metadata": {"finalizers": ["lab/hold"]}})
+    v1.delete_namespaced_pod("c", ns)
+    code, st = http(f"{url}/pods/c/binding", "POST", binding("c", "node1"))
+    assert code == 409 and "being deleted" in st["message"]
+    v1.patch_namespaced_pod("c", ns, [{"op": "remove", "path": "/metadata/finalizers"}])
+
+    # a kubelet watching its node's pods sees each pod arrive when it is bound
+    w = watch.Watch()
+    seen = [(ev["type"], ev["object"].metadata.name)
+            for ev in w.stream(v1.list_namespaced_pod, ns, resource_version=rv, field_selector="spec.nodeName=node1",
+                               timeout_seconds=1)]  # fmt: skip
+    assert seen == [("ADDED", "a")]
+
+
 # --- list: selectors and pagination --------------------------------------------------------------
 
 
@@ -864,3 +1012,27 @@ def test_kubectl_apply_get_patch_delete(server: APIServerThread, tmp_path: Path)
     v1 = client.CoreV1Api(make_client(server.url))
     with pytest.raises(ApiException):
         v1.read_namespace(ns)
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed")
+def test_kubectl_scale(server: APIServerThread, api: client.ApiClient, ns: str, tmp_path: Path) -> None:
+    kc = write_kubeconfig(tmp_path / "kubeconfig", server.url)
+    apps = client.AppsV1Api(api)
+    template = {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "c", "image": "x"}]}}
+    apps.create_namespaced_deployment(ns, {"metadata": {"name": "web"}, "spec": {
+        "replicas": 1, "selector": {"matchLabels": {"app": "web"}}, "template": template}})  # fmt: skip
+
+    def kubectl(*args: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "HOME": str(tmp_path)}
+        cmd = [str(KUBECTL), "--kubeconfig", kc, "--cache-dir", str(tmp_path / "cache"), "-n", ns, *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30, env=env)
+
+    r = kubectl("scale", "deployment/web", "--replicas=3")
+    assert r.returncode == 0 and r.stdout.strip() == "deployment.apps/web scaled", r.stderr
+    assert apps.read_namespaced_deployment("web", ns).spec.replicas == 3
+    # --current-replicas is a precondition: a wrong one changes nothing
+    r = kubectl("scale", "deployment/web", "--current-replicas=2", "--replicas=1")
+    assert r.returncode != 0 and apps.read_namespaced_deployment("web", ns).spec.replicas == 3
+    r = kubectl("scale", "deploy", "web", "--current-replicas=3", "--replicas=0")
+    assert r.returncode == 0, r.stderr
+    assert apps.read_namespaced_deployment("web", ns).spec.replicas == 0

@@ -1,4 +1,5 @@
-"""Pure pieces of the lab API server: selectors, patches, allocators, store history, protobuf bodies."""
+"""Pure pieces of the lab API server: selectors, patches, allocators, store history, protobuf bodies,
+the Scale view's selector string."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pycilium.lab.apiserver.patch import json_patch, merge_patch, strategic_merg
 from pycilium.lab.apiserver.protobuf import DecodeError, decode
 from pycilium.lab.apiserver.selectors import parse_field_selector, parse_label_selector
 from pycilium.lab.apiserver.store import RV_RESTART_GAP, Expired, Store
+from pycilium.lab.apiserver.subresources import selector_string
 
 LABELS = {"app": "web", "tier": "fe", "n": "5"}
 
@@ -188,3 +190,21 @@ def test_protobuf_configmap_body() -> None:
         decode(b"k8s\x00" + _pb(1, _pb(1, b"apps/v1") + _pb(2, b"Deployment")))
     with pytest.raises(DecodeError):
         decode(b'{"json": true}')
+
+
+def test_scale_selector_string_parses_back_to_the_same_selection() -> None:
+    selector = {
+        "matchLabels": {"tier": "fe", "app": "web"},
+        "matchExpressions": [
+            {"key": "n", "operator": "NotIn", "values": ["7", "6"]},
+            {"key": "zone", "operator": "DoesNotExist"},
+            {"key": "app", "operator": "Exists"},
+            {"key": "tier", "operator": "In", "values": ["fe", "be"]},
+        ],
+    }
+    text = selector_string(selector)
+    assert text == "app=web,app,n notin (6,7),tier=fe,tier in (be,fe),!zone"
+    parsed = parse_label_selector(text)
+    assert parsed.matches(LABELS)
+    assert not parsed.matches({**LABELS, "n": "6"}) and not parsed.matches({**LABELS, "zone": "a"})
+    assert selector_string({}) == selector_string(None) == ""

@@ -239,15 +239,12 @@ def test_deployment_expands_scales_rolls_and_is_collected(
     time.sleep(0.5)
     assert len(pods()) == 3  # not scaled twice while the cache catches up
 
-    dep["spec"]["replicas"] = 1
-    kube.replace(DEPLOYMENT, dep, ns)
+    # patches, not read-modify-write: the controller updates the status at any moment
+    kube.patch(DEPLOYMENT, "web", {"spec": {"replicas": 1}}, ns)
     eventually(lambda: len(pods()) == 1, what="scaled to 1")
 
     # a new template: new pods first, the old one goes once they are Ready
-    dep = kube.get(DEPLOYMENT, "web", ns)
-    assert dep is not None
-    dep["spec"]["template"]["metadata"]["labels"]["v"] = "2"
-    kube.replace(DEPLOYMENT, dep, ns)
+    kube.patch(DEPLOYMENT, "web", {"spec": {"template": {"metadata": {"labels": {"v": "2"}}}}}, ns)
     eventually(lambda: any(p["metadata"]["labels"]["v"] == "2" for p in pods()), what="a v2 pod")
     time.sleep(0.3)
     assert any(p["metadata"]["labels"]["v"] == "1" for p in pods())  # old kept until the new is ready
@@ -260,6 +257,45 @@ def test_deployment_expands_scales_rolls_and_is_collected(
 
     kube.delete(DEPLOYMENT, "web", ns)
     eventually(lambda: not pods(), what="pods of the deleted deployment collected")
+
+
+def test_scale_subresource_adds_and_removes_pods(kube: Kube, controllers: Controllers, ns: str) -> None:
+    apps = client.AppsV1Api(kube.api)
+    kube.create(DEPLOYMENT, deployment(ns, 1, {"app": "web"}), ns)
+
+    def pods() -> list[Obj]:
+        return [p for p in kube.list(POD, ns) if not p["metadata"].get("deletionTimestamp")]
+
+    def count(n: int) -> Callable[[], list[Obj] | None]:
+        return lambda: (lambda ps: ps if len(ps) == n else None)(pods())
+
+    (first,) = eventually(count(1), what="1 pod")
+    apps.patch_namespaced_deployment_scale("web", ns, {"spec": {"replicas": 4}})
+    grown = eventually(count(4), what="scaled up to 4 through the scale subresource")
+    assert first["metadata"]["name"] in {p["metadata"]["name"] for p in grown}  # added, not replaced
+    # the scheduler binds them through pods/binding: every pod lands on a lab node, marked scheduled
+    bound = eventually(lambda: (lambda ps: ps if all(p["spec"].get("nodeName") for p in ps) else None)(pods()),
+                       what="pods bound")  # fmt: skip
+    assert sorted(p["spec"]["nodeName"] for p in bound) == ["node1", "node1", "node2", "node2"]
+    for p in bound:
+        conds = {c["type"]: c["status"] for c in p["status"].get("conditions") or []}
+        assert conds.get("PodScheduled") == "True", p
+    for i, p in enumerate(grown):
+        run_pod(kube, p, f"10.7.0.{i + 2}")
+
+    def scale() -> Obj:
+        return dict(apps.read_namespaced_deployment_scale("web", ns).to_dict())
+
+    eventually(lambda: scale()["status"]["replicas"] == 4, what="scale status")
+    # PUT without a resourceVersion: unconditional (the controller keeps writing the status)
+    body = client.V1Scale(metadata=client.V1ObjectMeta(name="web"), spec=client.V1ScaleSpec(replicas=2))
+    apps.replace_namespaced_deployment_scale("web", ns, body)
+    left = eventually(count(2), what="scaled down to 2")
+    assert {p["metadata"]["name"] for p in left} < {p["metadata"]["name"] for p in grown}
+    time.sleep(0.5)
+    assert len(pods()) == 2  # not scaled further while the cache catches up
+    eventually(lambda: (kube.get(DEPLOYMENT, "web", ns) or {}).get("status", {}).get("replicas") == 2,
+               what="deployment status")  # fmt: skip
 
 
 def test_endpointslices_follow_pods_and_services(kube: Kube, controllers: Controllers, ns: str) -> None:

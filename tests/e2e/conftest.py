@@ -213,6 +213,15 @@ spec:
 ---
 apiVersion: v1
 kind: Service
+metadata: {name: sticky-short, namespace: e2e}
+spec:
+  selector: {app: echo}
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 2}}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
 metadata: {name: nobody, namespace: e2e}
 spec:
   selector: {app: nobody}
@@ -236,6 +245,14 @@ spec:
   externalTrafficPolicy: Local
   selector: {app: echo}
   ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: np-udp, namespace: e2e}
+spec:
+  type: NodePort
+  selector: {app: echo}
+  ports: [{port: 53, targetPort: dns, protocol: UDP}]
 """
 
 BACKENDS = {"be-1a": "node1", "be-1b": "node1", "be-2a": "node2", "be-2b": "node2"}

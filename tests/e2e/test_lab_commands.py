@@ -1,5 +1,6 @@
 """The `pycilium lab` command contract on a running lab: status, kubeconfig with kubectl, apply
-(round-robin scheduling, Deployments, re-apply in place), exec into pods/nodes/world, probe."""
+(round-robin scheduling, Deployments, re-apply in place), kubectl scale, exec into pods/nodes/world,
+probe."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 
 import pytest
 
-from tests.e2e.conftest import LAB_NAME, NODE_IPS, WORLD_IP, Lab
+from tests.e2e.conftest import LAB_NAME, NODE_IPS, WORLD_IP, Lab, eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -93,6 +94,17 @@ def test_status_kubeconfig_apply_exec(lab: Lab) -> None:
 
     # the world reaches node IPs, never pod IPs
     assert lab.probe1("world", f"{pods['solo']['ip']}:9000", timeout=1)["result"] != "ok"
+
+    # kubectl scale goes through deployments/scale; the controller removes the surplus pods
+    out = lab.kubectl("-n", "cmds", "scale", "deployment/dep", "--replicas=2").stdout
+    assert out.strip() == "deployment.apps/dep scaled"
+
+    def dep_pod_names() -> set[str] | None:
+        items = json.loads(lab.kubectl("-n", "cmds", "get", "pods", "-o", "json").stdout)["items"]
+        names = {p["metadata"]["name"] for p in items if p["metadata"]["name"].startswith("dep-")}
+        return names if len(names) == 2 else None
+
+    assert eventually(dep_pod_names, what="2 dep pods left") < {p["name"] for p in dep_pods}
 
     lab.delete(MANIFEST)
     assert "cmds" not in lab.kubectl("get", "namespaces").stdout

@@ -1,11 +1,18 @@
-"""Pod-to-pod, Services (ClusterIP, affinity, no endpoints, NodePort), masquerade and conntrack on a
-2-node lab with real agents."""
+"""Pod-to-pod, Services (ClusterIP, affinity and its timeout, no endpoints, NodePort TCP and UDP),
+masquerade and conntrack on a 2-node lab with real agents."""
 
 from __future__ import annotations
 
-import pytest
+import json
+import time
+from typing import Any
 
-from tests.e2e.conftest import BACKENDS, NODE_IPS, WORLD_IP, Lab
+import pytest
+from pycilium.bpf.maps import BY_NAME, PinnedMap
+from pycilium.bpf.maps.util import be32_to_ip
+from pycilium.lab.cluster.lab import Paths
+
+from tests.e2e.conftest import BACKENDS, LAB_NAME, NODE_IPS, WORLD_IP, Lab
 
 pytestmark = pytest.mark.e2e
 
@@ -40,6 +47,53 @@ def test_session_affinity_keeps_a_client_on_one_backend(app: Lab) -> None:
         assert len({r["pod"] for r in results}) == 1, results
 
 
+def _frontend(lab: Lab, node: str, vip: str, port: int, proto: str) -> dict[str, Any]:
+    """The service entry `pycilium bpf lb list -o json` shows on a node for VIP:PORT/PROTO."""
+    out = json.loads(lab.exec(node, "pycilium", "bpf", "lb", "list", "-o", "json").stdout)
+    (fe,) = [f for f in out if (f["address"], f["port"], f["proto"]) == (vip, port, proto)]
+    return dict(fe)
+
+
+def _affinity(node: str, rev_nat: int) -> dict[str, tuple[int, int]]:
+    """A node's session-affinity entries of one service: client IP -> (last_used seconds, backend id)."""
+    with PinnedMap(BY_NAME["lb4_affinity"], Paths(LAB_NAME).node_bpf_root(node)) as m:
+        return {be32_to_ip(k.client_ip): (int(v.last_used), int(v.backend_id))
+                for k, v in m.items() if k.rev_nat_index == rev_nat}  # fmt: skip
+
+
+def test_session_affinity_timeout_expires_then_selects_again(app: Lab) -> None:
+    """sticky-short has timeoutSeconds 2: within it a client keeps its backend; once it has been idle
+    for longer, its affinity entry is not honoured and a new selection is written. Selection is random
+    over 4 backends, so rounds go on (up to 10) until a second backend was chosen."""
+    vip = app.cluster_ip("e2e/sticky-short")
+    client = app.pod_ip("e2e/client2")
+    fe = _frontend(app, "node2", vip, 80, "TCP")
+    timeout = fe["affinity_timeout"]
+    assert timeout == 2 and "sessionAffinity" in fe["flag_names"], fe
+    pod_of = {b["backend_id"]: b["address"] for b in fe["backends"]}
+    ips = {app.pod_ip(f"e2e/{b}"): b for b in BACKENDS}
+    assert sorted(ips[a] for a in pod_of.values()) == sorted(BACKENDS)
+
+    def one_round() -> tuple[str, int]:
+        results = app.probe("e2e/client2", f"{vip}:80", count=4)
+        assert all(r["result"] == "ok" for r in results), results
+        pods = {r["pod"] for r in results}
+        assert len(pods) == 1, results  # sticky while the entry is fresh
+        last_used, backend_id = _affinity("node2", fe["rev_nat"])[client]
+        assert ips[pod_of[backend_id]] in pods  # the entry names the backend that answered
+        return pods.pop(), last_used
+
+    chosen = [one_round()]
+    while len({pod for pod, _ in chosen}) == 1 and len(chosen) <= 10:
+        time.sleep(timeout + 1.5)  # idle past the timeout (the datapath counts whole seconds)
+        pod, last_used = one_round()
+        assert last_used - chosen[-1][1] > timeout  # the expired entry was replaced by a new selection
+        chosen.append((pod, last_used))
+    assert len({pod for pod, _ in chosen}) > 1, (
+        f"{len(chosen)} selections after expiry all chose {chosen[0][0]}"
+    )
+
+
 @pytest.mark.parametrize(("proto", "port"), [("tcp", 80), ("udp", 53)])
 def test_service_without_endpoints_rejects(app: Lab, proto: str, port: int) -> None:
     vip = app.cluster_ip("e2e/nobody")
@@ -56,6 +110,18 @@ def test_nodeport_cluster_policy_from_world(app: Lab) -> None:
         client = r["client"].split(":")[0]
         # local backends see the world's address; remote ones the entry node's (SNAT for the return path)
         assert client == (WORLD_IP if BACKENDS[r["pod"]] == "node1" else NODE_IPS["node1"]), r
+
+
+def test_udp_nodeport_cluster_policy_from_world(app: Lab) -> None:
+    port = app.node_port("e2e/np-udp")
+    for entry in ("node1", "node2"):
+        results = app.probe("world", f"{NODE_IPS[entry]}:{port}", "udp", count=20)
+        assert all(r["result"] == "ok" for r in results), results  # every datagram's reply came back
+        assert {BACKENDS[r["pod"]] for r in results} == {"node1", "node2"}
+        for r in results:
+            client = r["client"].split(":")[0]
+            # as for TCP: local backends see the world; remote ones the entry node (SNAT for the return path)
+            assert client == (WORLD_IP if BACKENDS[r["pod"]] == entry else NODE_IPS[entry]), (entry, r)
 
 
 def test_nodeport_local_policy_keeps_the_source_ip(app: Lab) -> None:

@@ -187,7 +187,7 @@ class EndpointManager:
     ) -> EndpointManager:
         """Build from an AgentConfig (state_dir, bpf_root, mtu)."""
         return cls(ipam, state_dir=config.state_dir, bpf_root=config.bpf_root, endpoints_map=endpoints_map,
-                   datapath=datapath, mtu=config.mtu, identity_resolver=identity_resolver)  # fmt: skip
+                   datapath=datapath, mtu=config.pod_mtu, identity_resolver=identity_resolver)  # fmt: skip
 
     # ---- listeners -----------------------------------------------------------------------------
     def subscribe(

@@ -50,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
         help="use this existing API server instead of the embedded one "
         "(default: the embedded one, or the one the lab already uses)",
     )
+    p.add_argument(
+        "--routing-mode",
+        choices=["native", "tunnel"],
+        help="how pod traffic crosses nodes: routes via node IPs (native) or VXLAN (tunnel) "
+        "(default: native, or what the lab already uses)",
+    )
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for healthy agents")
     sub.add_parser("down", help="remove everything the lab created")
     p = sub.add_parser("status", help="show the lab")
@@ -104,13 +110,16 @@ def _up_lab() -> Lab:
 def cmd_up(args: argparse.Namespace) -> int:
     lab = Lab()
     try:
-        lab.up(nodes=args.nodes, kubeconfig=args.kubeconfig, timeout=args.timeout)
+        lab.up(
+            nodes=args.nodes, kubeconfig=args.kubeconfig, routing_mode=args.routing_mode, timeout=args.timeout
+        )
     except LabError as e:
         print(f"pycilium lab up: {e}", file=sys.stderr)
         if lab.exists and not lab.state.complete:
             print("(what was created stays recorded: `pycilium lab down` removes it)", file=sys.stderr)
         return 1
-    print(f"lab is up: {len(lab.state.nodes)} node(s); world {WORLD_IP} (TCP/UDP {WORLD_PORT})")
+    print(f"lab is up: {len(lab.state.nodes)} node(s), {lab.state.routing_mode} routing; world {WORLD_IP} "
+          f"(TCP/UDP {WORLD_PORT})")  # fmt: skip
     print(f"  kubectl --kubeconfig {lab.host_kubeconfig()} get nodes")
     print("  pycilium lab status | apply -f FILE --wait | probe --from NS/POD --to HOST:PORT | down")
     return 0
@@ -200,6 +209,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     data: dict[str, Any] = {
         "instance": st.instance,
         "complete": st.complete,
+        "routingMode": st.routing_mode,
         "apiServer": {
             "url": st.host_url,
             "inNamespaces": st.api_url,
@@ -221,6 +231,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"lab {st.instance}{'' if st.complete else ' (incomplete: run `pycilium lab up` again)'}")
     print(f"API server   {st.host_url} (host), {st.api_url} (namespaces); kubeconfig {lab.host_kubeconfig()}")
+    print(f"routing      {st.routing_mode}")
     _table(
         ["NODE", "NODE-IP", "POD-CIDR", "AGENT", "NETNS"],
         [

@@ -54,7 +54,7 @@ def conflist(config: Any) -> dict[str, Any]:
         "plugins": [
             {
                 "type": BINARY_NAME,
-                "mtu": config.mtu,
+                "mtu": config.pod_mtu,  # minus the tunnel overhead in tunnel mode
                 "log-file": config.cni_log_file,
                 "agent-socket": config.cni_socket_path,
                 "delete-queue-dir": delete_queue_dir(config),

@@ -162,6 +162,7 @@ class LabState:
     instance: str
     nodes: list[NodeState] = field(default_factory=list)
     external_kubeconfig: str | None = None
+    routing_mode: str = "native"  # the agents' routing-mode
     api_url: str = ""  # as reached from inside the namespaces
     host_url: str = ""  # as reached from the host
     netns: list[str] = field(default_factory=list)
@@ -372,6 +373,7 @@ class Lab:
         kubeconfig: str | None = None,
         timeout: float = 300.0,
         say: Callable[[str], None] = progress,
+        routing_mode: str | None = None,
     ) -> None:
         """Create what is missing. Without `nodes`/`kubeconfig`, a lab that exists keeps its size and
         API server (2 nodes and the embedded server for a new one)."""
@@ -391,6 +393,12 @@ class Lab:
             raise LabError(f"the lab is up with {have}; run `pycilium lab down` first")
         if len(st.nodes) > nodes:
             raise LabError(f"the lab is up with {len(st.nodes)} nodes; run `pycilium lab down` to shrink it")
+        mode = routing_mode or (st.routing_mode if running else "native")
+        if mode not in ("native", "tunnel"):
+            raise LabError(f"--routing-mode must be native or tunnel, not {mode!r}")
+        if running and st.routing_mode != mode:
+            raise LabError(f"the lab is up with {st.routing_mode} routing; run `pycilium lab down` first")
+        st.routing_mode = mode
         st.external_kubeconfig = ext
         st.complete = False
         self.paths.root.mkdir(parents=True, exist_ok=True)
@@ -633,6 +641,7 @@ class Lab:
             "cni-log-file": str(d / "cni.log"),
             "devices": "eth0",
             "node-ip": n.ip,
+            "routing-mode": self.state.routing_mode,
             "cluster-pool-ipv4-cidr": CLUSTER_CIDR,
             "ipam-mode": "kubernetes",
             "health-port": str(HEALTH_PORT),

@@ -38,6 +38,12 @@ def test_conflist_content(tmp_path: Path) -> None:
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".tmp")]
 
 
+def test_conflist_mtu_leaves_room_for_the_tunnel(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, routing_mode="tunnel")
+    conf = json.loads(install_cni_config(cfg).read_text())
+    assert conf["plugins"][0]["mtu"] == 1400 - 50
+
+
 def test_exclusive_mode_disables_other_configs_and_remove_restores(tmp_path: Path) -> None:
     d = tmp_path / "net.d"
     d.mkdir()

@@ -116,9 +116,11 @@ def remove_stale_labs() -> None:
 
     names = {p.name for p in Path("/var/run").glob(f"{LAB_PREFIX}*")}
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
-    names |= {m.group(1) for n in netns if (m := re.match(rf"({re.escape(LAB_PREFIX)}\d+(?:-ext)?)-", n))}
+    names |= {
+        m.group(1) for n in netns if (m := re.match(rf"({re.escape(LAB_PREFIX)}\d+(?:-ext|-tun)?)-", n))
+    }
     for name in sorted(names):
-        if not re.fullmatch(rf"{re.escape(LAB_PREFIX)}\d+(-ext)?", name):
+        if not re.fullmatch(rf"{re.escape(LAB_PREFIX)}\d+(-ext|-tun)?", name):
             continue
         state = Paths(name).state_file
         try:

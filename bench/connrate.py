@@ -1,8 +1,10 @@
 """Connection-rate client for the datapath benchmarks: open, request, read, close, in timed rounds.
 
-`python -m bench.connrate --round-seconds S --rounds R HOST:PORT [HOST:PORT ...]` measures each
+`python -m bench.connrate --round-seconds S --rounds R HOST[,HOST...]:PORT ...` measures each
 target for S seconds, round after round, alternating the order of the targets every round, and
-prints {"rates": [[conn/s of target 0, target 1, ...] per round], "errors": [per target]}.
+prints {"rates": [[conn/s of target 0, target 1, ...] per round], "errors": [per target]}. A target
+with several hosts spreads its connections over them in turn (a direct baseline over the same
+backends a VIP spreads over, so both sides keep the same number of server processes busy).
 
 Measuring the targets of a comparison interleaved in short rounds, in one process, makes the
 per-round ratios immune to slow drifts of a shared machine's load (a neighbour's job starting in
@@ -22,12 +24,19 @@ import time
 _LINGER0 = struct.pack("ii", 1, 0)
 
 
-def one_round(addr: tuple[str, int], seconds: float) -> tuple[float, int]:
-    """Connections per second to `addr` for `seconds`, and the failed attempts."""
-    conns = errors = 0
+Target = tuple[list[str], int]
+
+
+def one_round(target: Target, seconds: float) -> tuple[float, int]:
+    """Connections per second to `target` for `seconds`, and the failed attempts."""
+    hosts, port = target
+    addrs = [(h, port) for h in hosts]
+    conns = errors = i = 0
     t0 = time.monotonic()
     end = t0 + seconds
     while time.monotonic() < end:
+        addr = addrs[i % len(addrs)]
+        i += 1
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
         s.settimeout(2)
@@ -45,7 +54,7 @@ def one_round(addr: tuple[str, int], seconds: float) -> tuple[float, int]:
     return conns / (time.monotonic() - t0), errors
 
 
-def run(targets: list[tuple[str, int]], round_seconds: float, rounds: int) -> dict[str, list]:  # type: ignore[type-arg]
+def run(targets: list[Target], round_seconds: float, rounds: int) -> dict[str, list]:  # type: ignore[type-arg]
     rates: list[list[float]] = []
     errors = [0] * len(targets)
     for r in range(rounds):
@@ -60,15 +69,15 @@ def run(targets: list[tuple[str, int]], round_seconds: float, rounds: int) -> di
     return {"rates": rates, "errors": errors}
 
 
-def _target(s: str) -> tuple[str, int]:
-    host, _, port = s.rpartition(":")
-    return host, int(port)
+def _target(s: str) -> Target:
+    hosts, _, port = s.rpartition(":")
+    return hosts.split(","), int(port)
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--round-seconds", type=float, default=1.0)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("targets", nargs="+", type=_target, metavar="HOST:PORT")
+    ap.add_argument("targets", nargs="+", type=_target, metavar="HOST[,HOST...]:PORT")
     a = ap.parse_args()
     print(json.dumps(run(a.targets, a.round_seconds, a.rounds)))

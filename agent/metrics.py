@@ -23,7 +23,15 @@ from pycilium.bpf.maps import BY_NAME, MapNotPinnedError, PinnedMap
 from pycilium.bpf.maps.defines import d, reason_text
 
 log = logging.getLogger("pycilium.metrics")
-DIRECTIONS = {1: "INGRESS", 2: "EGRESS", 3: "SERVICE", 4: "ct4_global", 5: "ct_any4_global"}
+DIRECTIONS = {
+    d("METRIC_DIR_INGRESS"): "INGRESS",
+    d("METRIC_DIR_EGRESS"): "EGRESS",
+    d("METRIC_DIR_SERVICE"): "SERVICE",
+    d("METRIC_DIR_CT_TCP"): "ct4_global",
+    d("METRIC_DIR_CT_ANY"): "ct_any4_global",
+    d("METRIC_DIR_OVERLAY_TX"): "OVERLAY_TX",
+    d("METRIC_DIR_OVERLAY_RX"): "OVERLAY_RX",
+}
 POLICY_ALLOWED = d("REASON_POLICY_ALLOWED")
 CT_CREATED = d("REASON_CT_CREATED")
 

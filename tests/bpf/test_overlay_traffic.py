@@ -174,6 +174,12 @@ def test_pods_on_two_nodes_talk_through_the_tunnel(nodes: tuple[OvNode, OvNode])
     tx0, rx0 = a.metric(0, OVERLAY_TX), b.metric(0, OVERLAY_RX)
     assert _ping(a.pod_ns, b.pod_ip) and _ping(b.pod_ns, a.pod_ip)
     assert a.metric(0, OVERLAY_TX) > tx0 and b.metric(0, OVERLAY_RX) > rx0
+    # and what Prometheus scrapes from the agent names the tunnel directions
+    from pycilium.agent.metrics import DatapathCollector
+
+    fwd = {s.labels["direction"]: s.value for fam in DatapathCollector(a.pin_root).collect()
+           if fam.name == "pycilium_forward_count" for s in fam.samples if s.name.endswith("_total")}  # fmt: skip
+    assert fwd.get("OVERLAY_TX", 0) > 0 and fwd.get("OVERLAY_RX", 0) > 0, fwd
     # TCP across, with a reply: the lab's probe against a one-shot echo server on b's pod
     srv = subprocess.Popen(["ip", "netns", "exec", b.pod_ns, sys.executable, "-m", "pycilium.lab.podserver",
                             "--name", "podb", "--tcp", "8080"])  # fmt: skip

@@ -7,6 +7,9 @@ reserved owner ``router``) are never handed out; the router counts as allocated,
 Allocations are keyed by owner (``<containerID>/<ifname>``): allocating twice for the same owner
 returns the same address. Every change is written to ``ipam.json`` atomically (temp + fsync +
 rename) before the caller sees the address, so a restarted agent never hands an address out twice.
+Writes are group commits: a change is made under the state lock, the file is written outside it,
+and one write carries every change made before it, so concurrent ADDs do not queue behind each
+other's fsync.
 Addresses are handed out round-robin after the last one allocated, so a just-released address is
 not immediately reused. All methods are thread-safe.
 """
@@ -97,6 +100,9 @@ class HostScopeIPAM:
         self._alloc: dict[str, Allocation] = {}  # ip -> allocation
         self._by_owner: dict[str, str] = {}  # owner -> ip
         self._last: int | None = None  # integer value of the last address handed out
+        self._write_lock = threading.Lock()  # serialises file writes; taken before _lock, never inside
+        self._gen = 0  # bumped by every change (under _lock)
+        self._saved_gen = 0  # the newest change on disk (under _write_lock)
         self._load()
         if pod_cidr is not None:
             self.set_pod_cidr(pod_cidr)
@@ -121,14 +127,27 @@ class HostScopeIPAM:
         if raw.get("last"):
             self._last = int(ipaddress.IPv4Address(raw["last"]))
 
-    def _save(self) -> None:
-        self.state_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        cniproto.atomic_write_json(self.state_path, {
-            "version": STATE_VERSION,
-            "cidr": str(self._net) if self._net else None,
-            "last": str(ipaddress.IPv4Address(self._last)) if self._last is not None else None,
-            "allocations": {ip: a.to_dict() for ip, a in sorted(self._alloc.items())},
-        }, pretty=True)  # fmt: skip
+    def _changed(self) -> int:
+        """Mark a change (caller holds _lock); returns the generation to commit."""
+        self._gen += 1
+        return self._gen
+
+    def _commit(self, gen: int) -> None:
+        """Return once the file holds change `gen` or a newer state (never called under _lock)."""
+        with self._write_lock:
+            if self._saved_gen >= gen:
+                return  # a write that started after our change already carried it
+            with self._lock:
+                cur = self._gen
+                state = {
+                    "version": STATE_VERSION,
+                    "cidr": str(self._net) if self._net else None,
+                    "last": str(ipaddress.IPv4Address(self._last)) if self._last is not None else None,
+                    "allocations": {ip: a.to_dict() for ip, a in sorted(self._alloc.items())},
+                }
+            self.state_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            cniproto.atomic_write_json(self.state_path, state, pretty=True)
+            self._saved_gen = cur
 
     # ---- range ---------------------------------------------------------------------------------
     @property
@@ -162,7 +181,8 @@ class HostScopeIPAM:
             else:
                 self._alloc[router] = Allocation(router, ROUTER_OWNER, "", time.time())
                 self._by_owner[ROUTER_OWNER] = router
-            self._save()
+            gen = self._changed()
+        self._commit(gen)
 
     def _usable(self) -> tuple[int, int]:
         assert self._net is not None
@@ -194,13 +214,17 @@ class HostScopeIPAM:
             self._alloc[ip] = alloc
             self._by_owner[owner] = ip
             self._last = cand
-            try:
-                self._save()
-            except BaseException:
-                del self._alloc[ip]
-                del self._by_owner[owner]
-                raise
-            return ip
+            gen = self._changed()
+        try:
+            self._commit(gen)
+        except BaseException:
+            with self._lock:  # not on disk: nobody may use it
+                if self._by_owner.get(owner) == ip:
+                    del self._alloc[ip]
+                    del self._by_owner[owner]
+                    self._changed()
+            raise
+        return ip
 
     def claim(self, ip: str, owner: str, pod: str = "") -> None:
         """Record that `owner` holds `ip` (restore of an endpoint whose allocation was lost)."""
@@ -218,7 +242,8 @@ class HostScopeIPAM:
                 raise IPAMConflictError(f"IPAM: {owner} already holds {prev}, cannot claim {ip}")
             self._alloc[ip] = Allocation(ip, owner, pod, time.time())
             self._by_owner[owner] = ip
-            self._save()
+            gen = self._changed()
+        self._commit(gen)
 
     def release(self, owner: str) -> str | None:
         """Release the owner's address; returns it (None when the owner had none: idempotent)."""
@@ -229,13 +254,17 @@ class HostScopeIPAM:
             if ip is None:
                 return None
             alloc = self._alloc.pop(ip)
-            try:
-                self._save()
-            except BaseException:
-                self._alloc[ip] = alloc
-                self._by_owner[owner] = ip
-                raise
-            return ip
+            gen = self._changed()
+        try:
+            self._commit(gen)
+        except BaseException:
+            with self._lock:  # still allocated on disk: keep it allocated
+                if ip not in self._alloc and owner not in self._by_owner:
+                    self._alloc[ip] = alloc
+                    self._by_owner[owner] = ip
+                    self._changed()
+            raise
+        return ip
 
     def release_ip(self, ip: str) -> str | None:
         """Release an address by value; returns its former owner."""
@@ -245,8 +274,9 @@ class HostScopeIPAM:
                 return None
             del self._alloc[ip]
             self._by_owner.pop(alloc.owner, None)
-            self._save()
-            return alloc.owner
+            gen = self._changed()
+        self._commit(gen)
+        return alloc.owner
 
     def gc(self, valid_owners: Iterable[str]) -> list[Allocation]:
         """Release every allocation whose owner is not in `valid_owners` (the router stays)."""
@@ -258,7 +288,8 @@ class HostScopeIPAM:
             for a in stale:
                 del self._alloc[a.ip]
                 self._by_owner.pop(a.owner, None)
-            self._save()
+            gen = self._changed()
+        self._commit(gen)
         for a in stale:
             log.info("IPAM GC released address", extra={"ip": a.ip, "owner": a.owner, "pod": a.pod})
         return stale

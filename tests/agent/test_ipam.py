@@ -149,3 +149,56 @@ def test_concurrent_allocations_are_distinct(tmp_path: Path) -> None:
         t.join()
     assert len(got) == 100 == len(set(got))
     assert HostScopeIPAM(tmp_path / "ipam.json").status().allocated == 101
+
+
+def test_every_returned_address_is_on_disk_when_returned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group commit: whatever thread wrote the file, an address is returned only once the file has it."""
+    ipam = HostScopeIPAM(tmp_path / "ipam.json", "10.0.1.0/24")
+    real_write = p.atomic_write_json
+    writes: list[int] = []
+
+    def slow_write(path: Path, obj: object, **kw: object) -> None:
+        writes.append(len(obj["allocations"]))  # type: ignore[index]
+        threading.Event().wait(0.01)  # an fsync's worth: lets other threads queue up behind it
+        real_write(path, obj, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(p, "atomic_write_json", slow_write)
+    problems: list[str] = []
+
+    def worker(i: int) -> None:
+        for j in range(3):
+            ip = ipam.allocate(f"g{i}-{j}")
+            on_disk = json.loads((tmp_path / "ipam.json").read_text())["allocations"]
+            if on_disk.get(ip, {}).get("owner") != f"g{i}-{j}":
+                problems.append(f"{ip} returned before it was written")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not problems
+    assert HostScopeIPAM(tmp_path / "ipam.json").status().allocated == 31
+    assert len(writes) <= 31  # never more writes than changes (usually far fewer)
+
+
+def test_a_failed_write_rolls_the_change_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ipam = HostScopeIPAM(tmp_path / "ipam.json", "10.0.1.0/24")
+    kept = ipam.allocate("keep/eth0")
+
+    def full_disk(*_a: object, **_kw: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    real_write = p.atomic_write_json
+    monkeypatch.setattr(p, "atomic_write_json", full_disk)
+    with pytest.raises(OSError):
+        ipam.allocate("new/eth0")
+    assert ipam.lookup("new/eth0") is None
+    with pytest.raises(OSError):
+        ipam.release("keep/eth0")
+    assert ipam.lookup("keep/eth0") == kept  # still allocated, as the file says
+    monkeypatch.setattr(p, "atomic_write_json", real_write)
+    assert ipam.release("keep/eth0") == kept
+    assert HostScopeIPAM(tmp_path / "ipam.json").lookup("keep/eth0") is None

@@ -354,6 +354,7 @@ class Agent:
         svc_r = refl(R.SERVICES, label_selector=R.SERVICE_SELECTOR, store_objects=False)
         eps_r = refl(R.ENDPOINTSLICES, label_selector=R.ENDPOINTSLICE_SELECTOR, store_objects=False)
         np_r = refl(R.NETWORKPOLICIES)
+        pcnp_r = refl(R.PYCILIUM_NETWORK_POLICIES)
         id_r = refl(R.PYCILIUM_IDENTITIES)
 
         services = ServiceManager(node_name=cfg.node_name, bpf_root=cfg.bpf_root, state_dir=cfg.state_dir,
@@ -379,6 +380,7 @@ class Agent:
         ns_r.add_handlers(h(policy.upsert_namespace, policy.delete_namespace))
         nodes_r.add_handlers(h(policy.upsert_node, policy.delete_node))
         np_r.add_handlers(h(policy.upsert_policy, policy.delete_policy))
+        pcnp_r.add_handlers(h(policy.upsert_pycilium_policy, policy.delete_pycilium_policy))
         id_r.add_handlers(h(policy.upsert_identity, policy.delete_identity))
         self.endpoints.subscribe(
             lambda ep: policy.endpoint_added(ep.id, ep.ipv4, ep.pod_namespace, ep.pod_name),
@@ -395,7 +397,7 @@ class Agent:
             from pycilium.agent.k8s.reflector import wait_for_sync
 
             while not self.stop_event.is_set():
-                if wait_for_sync([pods_r, ns_r, nodes_r, np_r, id_r], timeout=1.0):
+                if wait_for_sync([pods_r, ns_r, nodes_r, np_r, pcnp_r, id_r], timeout=1.0):
                     policy.mark_synced()
                     policy.start()
                     log.info("policy control plane synced")

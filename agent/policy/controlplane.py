@@ -8,6 +8,7 @@
     namespaces      -> cp.upsert_namespace / cp.delete_namespace
     nodes           -> cp.upsert_node / cp.delete_node
     networkpolicies -> cp.upsert_policy / cp.delete_policy
+    pyciliumnetworkpolicies -> cp.upsert_pycilium_policy / cp.delete_pycilium_policy
     pyciliumidentities -> cp.upsert_identity / cp.delete_identity
     # endpoint manager: identity and EP_F_POLICY_* flags are set through em.update()
     em.subscribe(lambda ep: cp.endpoint_added(ep.id, ep.ipv4, ep.pod_namespace, ep.pod_name),
@@ -140,6 +141,12 @@ class PolicyControlPlane:
 
     def delete_policy(self, obj: Obj) -> None:
         self._run(self.policy.delete_policy, obj)
+
+    def upsert_pycilium_policy(self, obj: Obj) -> None:
+        self._run(self.policy.upsert_pycilium_policy, obj)
+
+    def delete_pycilium_policy(self, obj: Obj) -> None:
+        self._run(self.policy.delete_pycilium_policy, obj)
 
     def upsert_identity(self, obj: Obj) -> None:
         self._run(self.allocator.upsert_identity, obj)

@@ -26,7 +26,7 @@ import contextlib
 import ipaddress
 import logging
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -47,7 +47,9 @@ from pycilium.agent.policy.datapath import (
     PolicyDatapath,
     enforcement_flags,
 )
-from pycilium.agent.policy.k8s import ParsedPolicy, parse_network_policy
+from pycilium.agent.policy.k8s import ParsedPolicy, parse_network_policy, policy_key
+from pycilium.agent.policy.pycilium_crd import KIND as KIND_PCNP
+from pycilium.agent.policy.pycilium_crd import parse_pycilium_network_policy
 from pycilium.agent.policy.selectorcache import SelectorCache
 from pycilium.agent.policy.selectors import EndpointSelector, Selector
 
@@ -203,11 +205,30 @@ class PolicyEngine:
     # ---- policies ------------------------------------------------------------------------------
     def upsert_policy(self, obj: Obj) -> None:
         """A NetworkPolicy was added or changed (wire to its reflector)."""
-        parsed, errors = parse_network_policy(obj)
+        self._upsert(obj, "NetworkPolicy", parse_network_policy)
+
+    def delete_policy(self, obj: Obj) -> None:
+        self._delete(obj, "NetworkPolicy")
+
+    def upsert_pycilium_policy(self, obj: Obj) -> None:
+        """A PyCiliumNetworkPolicy was added or changed."""
+        self._upsert(obj, KIND_PCNP, parse_pycilium_network_policy)
+
+    def delete_pycilium_policy(self, obj: Obj) -> None:
+        self._delete(obj, KIND_PCNP)
+
+    @staticmethod
+    def _key(obj: Obj, kind: str) -> str:
         meta = obj.get("metadata") or {}
-        key = f"{meta.get('namespace') or 'default'}/{meta.get('name') or ''}"
+        return policy_key(kind, str(meta.get("namespace") or "default"), str(meta.get("name") or ""))
+
+    def _upsert(
+        self, obj: Obj, kind: str, parse: Callable[[Obj], tuple[ParsedPolicy | None, list[str]]]
+    ) -> None:
+        parsed, errors = parse(obj)
+        key = self._key(obj, kind)
         for e in errors:
-            log.error("NetworkPolicy %s: %s", key, e)
+            log.error("%s %s: %s", kind, key, e)
         with self._batch():
             if errors:
                 self._errors[key] = errors
@@ -215,9 +236,9 @@ class PolicyEngine:
                 self._errors.pop(key, None)
             if parsed is None:
                 if key in self._policies:
-                    log.error("NetworkPolicy %s: invalid update ignored; keeping the previous version", key)
+                    log.error("%s %s: invalid update ignored; keeping the previous version", kind, key)
                 else:
-                    log.error("NetworkPolicy %s: skipped", key)
+                    log.error("%s %s: skipped", kind, key)
                 return
             old = self._policies.get(key)
             if old == parsed:
@@ -237,9 +258,8 @@ class PolicyEngine:
             if old is not None:
                 self._release(old)
 
-    def delete_policy(self, obj: Obj) -> None:
-        meta = obj.get("metadata") or {}
-        key = f"{meta.get('namespace') or 'default'}/{meta.get('name') or ''}"
+    def _delete(self, obj: Obj, kind: str) -> None:
+        key = self._key(obj, kind)
         with self._batch():
             self._errors.pop(key, None)
             old = self._policies.get(key)
@@ -255,8 +275,8 @@ class PolicyEngine:
             if isinstance(sel, EndpointSelector):
                 bad = sel.pods.keys() & EXCLUDED_POD_LABEL_KEYS
                 if bad:
-                    log.warning("NetworkPolicy %s: peer selector uses %s, which are not part of identities "
-                                "and never match", p.key, ", ".join(sorted(bad)))  # fmt: skip
+                    log.warning("%s %s: peer selector uses %s, which are not part of identities "
+                                "and never match", p.kind, p.key, ", ".join(sorted(bad)))  # fmt: skip
 
     def _index(self, p: ParsedPolicy) -> None:
         self._policies[p.key] = p

@@ -77,10 +77,11 @@ class ParsedPolicy:
     egress: tuple[PeerRule, ...] | None
     uid: str = ""
     errors: tuple[str, ...] = field(default=(), compare=False)
+    kind: str = "NetworkPolicy"  # or PyCiliumNetworkPolicy (agent/policy/pycilium_crd.py)
 
     @property
     def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
+        return policy_key(self.kind, self.namespace, self.name)
 
     def rules(self) -> list[PeerRule]:
         return list(self.ingress or ()) + list(self.egress or ())
@@ -93,6 +94,12 @@ class ParsedPolicy:
 
     def selects(self, namespace: str, labels: dict[str, str] | Any) -> bool:
         return namespace == self.namespace and self.pod_selector.matches(labels)
+
+
+def policy_key(kind: str, namespace: str, name: str) -> str:
+    """How a policy is named in logs, status and `pycilium` output: ``ns/name`` for a NetworkPolicy,
+    ``pcnp:ns/name`` for a PyCiliumNetworkPolicy (the two kinds may share names)."""
+    return f"{namespace}/{name}" if kind == "NetworkPolicy" else f"pcnp:{namespace}/{name}"
 
 
 def _port(obj: Any, f: str) -> PortRule:

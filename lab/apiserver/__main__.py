@@ -25,6 +25,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--history-size", type=int, default=1000, help="watch events kept per resource")
     p.add_argument("--bookmark-interval", type=float, default=5.0, help="seconds between watch bookmarks")
     p.add_argument("--graceful-pod-deletion", action="store_true", help="bound Pods wait for the kubelet")
+    p.add_argument(
+        "--advertise-address",
+        default=None,
+        help="the address clients reach this server at: the default/kubernetes Service points there",
+    )
+    p.add_argument("--advertise-port", type=int, default=0, help="with --advertise-address (default: --port)")
     p.add_argument("--kubeconfig", default=None, help="also write a kubeconfig for the server here")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
@@ -42,6 +48,8 @@ async def amain(args: argparse.Namespace) -> None:
             history_size=args.history_size,
             bookmark_interval=args.bookmark_interval,
             graceful_pod_deletion=args.graceful_pod_deletion,
+            advertise_address=args.advertise_address,
+            advertise_port=args.advertise_port,
         )
     )
     url = await server.start()

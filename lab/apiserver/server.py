@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from . import semantics
+from . import kubernetes_service, semantics
 from .allocators import ClusterIPAllocator, NodePortAllocator
 from .errors import bad_request
 from .faults import Faults
@@ -49,6 +49,12 @@ class ServerConfig:
     save_delay: float = 0.2  # seconds to coalesce writes before saving the state file
     graceful_pod_deletion: bool = False  # Pods bound to a node get deletionTimestamp, kubelet deletes
     namespaces: tuple[str, ...] = field(default=DEFAULT_NAMESPACES)  # created at start if missing
+    # Where clients reach this server (kube-apiserver's --advertise-address): with an address, the
+    # `default/kubernetes` Service and its endpoints point there (kubernetes_service.py). The port
+    # defaults to the bound one.
+    advertise_address: str | None = None
+    advertise_port: int = 0
+    kubernetes_service_interval: float = 10.0  # seconds between repairs of `default/kubernetes`
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -84,6 +90,8 @@ class APIServer:
         self._runner: web.AppRunner | None = None
         self._save_handle: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._repair: asyncio.Task[None] | None = None
+        self.advertised: tuple[str, int] | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -101,6 +109,10 @@ class APIServer:
             self.api.ensure_namespace(ns)
         sock = _bind(self.config.host, self.config.port)
         host, port = sock.getsockname()[:2]
+        if self.config.advertise_address:
+            self.advertised = (self.config.advertise_address, self.config.advertise_port or port)
+            self.repair_kubernetes_service()  # before serving: nobody else can take its ClusterIP
+            self._repair = asyncio.create_task(self._repair_loop())
         # handler_cancellation: a watch whose client went away is cancelled at once instead of lingering
         # until its next write fails.
         runner = web.AppRunner(
@@ -117,6 +129,9 @@ class APIServer:
         return self.url
 
     async def stop(self) -> None:
+        if self._repair is not None:
+            self._repair.cancel()
+            self._repair = None
         self.store.broadcast(Control("stop"))
         await asyncio.sleep(0)
         if self._runner is not None:
@@ -126,6 +141,26 @@ class APIServer:
             self._save_handle.cancel()
             self._save_handle = None
         self.save_state()
+
+    # --- the kubernetes Service ---------------------------------------------------------------
+
+    def repair_kubernetes_service(self) -> list[str]:
+        """Create or repair `default/kubernetes` (nothing without an advertise address)."""
+        if self.advertised is None:
+            return []
+        address, port = self.advertised
+        done = kubernetes_service.reconcile(self.api, self.config.service_cidr, address, port)
+        if done:
+            self.after_request()
+        return done
+
+    async def _repair_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.kubernetes_service_interval)
+            try:
+                self.repair_kubernetes_service()
+            except Exception:
+                log.exception("repairing the kubernetes Service failed")
 
     # --- persistence --------------------------------------------------------------------------
 

@@ -6,14 +6,15 @@ listen in one namespace and connect out of another. Two modes:
 
 ``serve``: the embedded API server (pycilium.lab.apiserver) listens inside the underlay namespace on
 the bridge address (nodes reach it there); a second listener on the host's 127.0.0.1 forwards each
-connection to it, so `kubectl` on the host works with a plain kubeconfig.
+connection to it, so `kubectl` on the host works with a plain kubeconfig. It advertises the
+``--listen`` address (or ``--advertise``): the `default/kubernetes` Service points there.
 
 ``proxy``: an existing API server (``lab up --kubeconfig``) that the node namespaces cannot reach:
 a listener inside the underlay namespace forwards each connection, from the host's namespace, to
 that server's address. TLS passes through untouched (node kubeconfigs set ``tls-server-name``).
 
     python -m pycilium.lab.cluster.apiproc serve --netns NS --listen IP:PORT --loopback-port P
-        --state FILE --info FILE
+        --state FILE --info FILE [--advertise IP:PORT]
     python -m pycilium.lab.cluster.apiproc proxy --netns NS --listen IP:PORT --target HOST:PORT
         --info FILE
 
@@ -132,11 +133,19 @@ async def serve(args: argparse.Namespace) -> None:
     from pycilium.lab.apiserver import APIServer, ServerConfig
 
     host, port = split_hostport(args.listen)
+    adv_host, adv_port = split_hostport(args.advertise or args.listen)
     loopback = listen_socket("127.0.0.1", args.loopback_port)  # the host's namespace
     lb_port = loopback.getsockname()[1]
     with in_netns(args.netns):  # the API server's sockets (and its threads) live in the underlay
         server = APIServer(
-            ServerConfig(host=host, port=port, state_file=args.state, graceful_pod_deletion=True)
+            ServerConfig(
+                host=host,
+                port=port,
+                state_file=args.state,
+                graceful_pod_deletion=True,
+                advertise_address=adv_host,
+                advertise_port=adv_port,
+            )
         )
         url = await server.start()
         srv = await asyncio.start_server(forwarder(host, port), sock=loopback)
@@ -174,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--listen", required=True)
     s.add_argument("--loopback-port", type=int, default=0)
     s.add_argument("--state", default=None)
+    s.add_argument("--advertise", default=None, help="IP:PORT for default/kubernetes (default: --listen)")
     s.add_argument("--info", required=True)
     p = sub.add_parser("proxy")
     p.add_argument("--netns", required=True)

@@ -497,8 +497,10 @@ class Lab:
                 str(paths.api_info),
             ]
         else:
+            # it advertises the address the nodes use: default/kubernetes -> 192.168.200.1:6443
             cmd = [sys.executable, "-m", "pycilium.lab.cluster.apiproc", "serve", "--netns", ul, "--listen",
-                   f"{BRIDGE_IP}:{API_PORT}", "--state", str(paths.api_state), "--info", str(paths.api_info)]  # fmt: skip
+                   f"{BRIDGE_IP}:{API_PORT}", "--advertise", f"{BRIDGE_IP}:{API_PORT}", "--state",
+                   str(paths.api_state), "--info", str(paths.api_info)]  # fmt: skip
         # a restarted server keeps its loopback port when it can, so kubeconfigs out there stay valid
         old_port = st.host_url.rpartition(":")[2] if st.host_url and not st.external_kubeconfig else ""
         attempts = [[*cmd, "--loopback-port", old_port], cmd] if old_port.isdigit() else [cmd]

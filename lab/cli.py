@@ -356,6 +356,12 @@ def resolve_target(lab: Lab, target: str) -> tuple[str, str]:
         kube.close()
     if pod is None:
         raise UsageError(f"pod {ns}/{name} not found")
+    spec, status = pod.get("spec") or {}, pod.get("status") or {}
+    if spec.get("hostNetwork"):  # its processes run in its node's namespace
+        node = lab.state.node(str(spec.get("nodeName") or ""))
+        if node is None or status.get("phase") != "Running":
+            raise UsageError(f"pod {ns}/{name} is not running (phase {status.get('phase')})")
+        return "pod", node.netns
     netns_name = pod_netns(lab.paths.pod_netns_prefix, pod["metadata"]["uid"])
     if not os.path.exists(f"/var/run/netns/{netns_name}"):
         raise UsageError(f"pod {ns}/{name} is not running (phase {(pod.get('status') or {}).get('phase')})")

@@ -11,6 +11,12 @@ For every Pod with spec.nodeName == NODE (watched with a field selector):
 3. start `pycilium.lab.podserver` in the namespace with every declared containerPort (TCP, UDP);
 4. once it listens, patch pods/status (phase Running, podIP(s), hostIP(s), conditions Ready ...).
 
+A Pod with `spec.hostNetwork: true` gets no namespace and no CNI call: its server runs in the node's
+own namespace (the kubelet's) on its containerPorts, and its podIP(s) and hostIP are the node IP.
+Like the kubelet's NodePorts admission, a host-network pod whose port (and protocol) is already
+used on the node, by another host-network pod or by anything listening there, is rejected: phase
+Failed, reason `NodePorts`, and it is never started (the pod that got the port keeps it).
+
 A Pod that goes away is stopped: the server is killed, CNI DEL runs (plugins in reverse order, with
 the ADD result as prevResult), the namespace is deleted. A graceful deletion (the Pod gets a
 deletionTimestamp) first lets the pod drain like an application that finishes its work after
@@ -239,11 +245,11 @@ def kill(pid: int, marker: str, timeout: float = 3.0) -> None:
 
 
 def netns_exists(name: str) -> bool:
-    return os.path.exists(f"/var/run/netns/{name}")
+    return bool(name) and os.path.exists(f"/var/run/netns/{name}")
 
 
 def delete_netns(name: str) -> None:
-    """Kill whatever still runs in the namespace, then delete it."""
+    """Kill whatever still runs in the namespace, then delete it (no name: nothing to do)."""
     if not netns_exists(name):
         return
     pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
@@ -251,6 +257,37 @@ def delete_netns(name: str) -> None:
         with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(pid), signal.SIGKILL)
     subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def node_listening() -> tuple[set[int], set[int]]:
+    """TCP and UDP ports (IPv4 and IPv6 sockets) listening in this process's network namespace."""
+    out: list[set[int]] = []
+    for tables, state in ((("tcp", "tcp6"), "0A"), (("udp", "udp6"), "07")):
+        ports: set[int] = set()
+        for table in tables:
+            try:
+                ports |= listening_ports(Path(f"/proc/self/net/{table}").read_text(), state)
+            except OSError:
+                pass
+        out.append(ports)
+    return out[0], out[1]
+
+
+def host_port_conflict(
+    ports: list[ContainerPort],
+    others: list[PodRuntime],
+    listening_tcp: set[int],
+    listening_udp: set[int],
+) -> str | None:
+    """Why a host-network pod with `ports` cannot run on this node (None: it can). `others` are the
+    node's host-network pods already admitted; `listening_*` what listens in the node's namespace."""
+    for p in sorted(set(ports), key=lambda p: (p.protocol, p.port)):
+        for o in others:
+            if any(int(q[0]) == p.port and q[1] == p.protocol for q in o.ports):
+                return f"{p.protocol}/{p.port} is used by pod {o.namespace}/{o.name}"
+        if p.port in (listening_tcp if p.protocol == "TCP" else listening_udp if p.protocol == "UDP" else ()):
+            return f"{p.protocol}/{p.port} is in use on the node"
+    return None
 
 
 # ---- state -------------------------------------------------------------------------------------
@@ -268,6 +305,7 @@ class PodRuntime:
     ports: list[list[Any]] = field(default_factory=list)  # [port, protocol, name]
     result: Obj = field(default_factory=dict)
     started: str = ""
+    host_network: bool = False  # no netns (netns ""), no CNI: the server runs in the node's namespace
 
     @property
     def marker(self) -> str:
@@ -320,6 +358,8 @@ class Kubelet:
         self._cv = threading.Condition()
         self._retry: dict[str, float] = {}
         self._failures: dict[str, int] = {}
+        self._admit_lock = threading.Lock()  # host ports: one host-network admission at a time
+        self._rejected: set[str] = set()  # uids of pods refused at admission: never started
         self._threads: list[threading.Thread] = []
         self._workers = workers
         self.pods = Reflector(
@@ -460,14 +500,20 @@ class Kubelet:
             return
         phase = (pod.get("status") or {}).get("phase")
         if rt is None:
-            if phase in ("Succeeded", "Failed"):
+            if phase in ("Succeeded", "Failed") or uid in self._rejected:
                 return
-            self.setup(pod)
+            if (pod.get("spec") or {}).get("hostNetwork"):
+                self.setup_host_network(pod)
+            else:
+                self.setup(pod)
             return
-        if not rt.ip or not netns_exists(rt.netns):  # a setup interrupted by a kubelet restart
+        if not rt.ip or (not rt.host_network and not netns_exists(rt.netns)):  # setup interrupted
             log.info("pod %s/%s: incomplete setup found; starting it again", rt.namespace, rt.name)
             self.teardown(rt)
-            self.setup(pod)
+            if rt.host_network:
+                self.setup_host_network(pod)
+            else:
+                self.setup(pod)
             return
         # adopted or already running: restart a dead server, repair a status that lost our IP
         if rt.ports and not alive(rt.pid, rt.marker):
@@ -532,6 +578,47 @@ class Kubelet:
             (time.monotonic() - t0) * 1000,
         )
 
+    def setup_host_network(self, pod: Obj) -> None:
+        """A host-network pod: admitted if its ports are free on the node, then its server is
+        started in the node's namespace; its IP is the node's."""
+        meta = pod["metadata"]
+        ns, name, uid = meta.get("namespace", "default"), meta["name"], meta["uid"]
+        ports = container_ports(pod)
+        rt = PodRuntime(
+            uid=uid,
+            namespace=ns,
+            name=name,
+            netns="",
+            container_id=uuid.uuid4().hex + uuid.uuid4().hex,
+            ports=[[p.port, p.protocol, p.name] for p in ports],
+            host_network=True,
+        )
+        with self._admit_lock:
+            with self._lock:
+                others = [r for r in self.runtimes.values() if r.host_network and r.uid != uid]
+            why = host_port_conflict(ports, others, *node_listening())
+            if why is not None:
+                message = (
+                    f"Pod was rejected: node(s) didn't have free ports for the requested pod ports: {why}"
+                )
+                log.warning("pod %s/%s: %s", ns, name, message)
+                self._patch_failed(pod, "NodePorts", message)
+                self._rejected.add(uid)
+                return
+            rt.ip = self.node_ip
+            with self._lock:
+                self.runtimes[uid] = rt
+        self._save()
+        try:
+            self._start_server(rt, pod)
+        except Exception:
+            self.teardown(rt)
+            raise
+        rt.started = now_rfc3339()
+        self._save()
+        self._patch_running(pod, rt)
+        log.info("pod %s/%s running in the host network (%s)", ns, name, rt.ip)
+
     def _start_server(self, rt: PodRuntime, pod: Obj) -> None:
         ports = [ContainerPort(p[0], p[1], p[2]) for p in rt.ports]
         if not ports:
@@ -539,8 +626,9 @@ class Kubelet:
             return
         logf = open(self.log_dir / f"{rt.namespace}_{rt.name}.log", "ab")  # noqa: SIM115
         try:
+            in_ns = [] if rt.host_network else ["ip", "netns", "exec", rt.netns]
             proc = subprocess.Popen(
-                ["ip", "netns", "exec", rt.netns, *server_command(rt.name, ports)],
+                [*in_ns, *server_command(rt.name, ports)],
                 stdin=subprocess.DEVNULL,
                 stdout=logf,
                 stderr=logf,
@@ -565,7 +653,7 @@ class Kubelet:
     def teardown(self, rt: PodRuntime) -> None:
         if rt.pid:
             kill(rt.pid, rt.marker)
-        netconf = load_netconf(self.conf_dir)
+        netconf = None if rt.host_network else load_netconf(self.conf_dir)
         if netconf is not None and rt.container_id:
             pod = {"metadata": {"namespace": rt.namespace, "name": rt.name, "uid": rt.uid}}
             env = cni_env("DEL", rt.container_id, f"/var/run/netns/{rt.netns}", pod, self.bin_dir)
@@ -611,6 +699,26 @@ class Kubelet:
             "conditions": conds,
             "containerStatuses": statuses,
         }
+        try:
+            self.kube.patch(POD, meta["name"], {"status": status}, meta.get("namespace"), status=True)
+        except APIError as e:
+            if e.status != 404:
+                raise
+
+    def _patch_failed(self, pod: Obj, reason: str, message: str) -> None:
+        """A pod the kubelet refuses to run (admission): phase Failed with the reason, for good."""
+        meta = pod["metadata"]
+        ts = now_rfc3339()
+        status = {
+            "phase": "Failed",
+            "reason": reason,
+            "message": message[:500],
+            "conditions": [
+                {"type": "Ready", "status": "False", "reason": reason, "lastProbeTime": None,
+                 "lastTransitionTime": ts},
+                {"type": "PodScheduled", "status": "True", "lastProbeTime": None, "lastTransitionTime": ts},
+            ],
+        }  # fmt: skip
         try:
             self.kube.patch(POD, meta["name"], {"status": status}, meta.get("namespace"), status=True)
         except APIError as e:

@@ -9,14 +9,25 @@ from __future__ import annotations
 
 import argparse
 import socket
+import sys
 import threading
 
 
-def _tcp(name: str, port: int) -> None:
+def _tcp_socket(port: int) -> socket.socket:
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind(("0.0.0.0", port))
     s.listen(128)
+    return s
+
+
+def _udp_socket(port: int) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", port))
+    return s
+
+
+def _tcp(s: socket.socket, name: str) -> None:
     while True:
         conn, addr = s.accept()
         threading.Thread(target=_serve_tcp, args=(conn, addr, name), daemon=True).start()
@@ -37,9 +48,7 @@ def _serve_tcp(conn: socket.socket, addr: tuple[str, int], name: str) -> None:
             conn.sendall(body)
 
 
-def _udp(name: str, port: int) -> None:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("0.0.0.0", port))
+def _udp(s: socket.socket, name: str) -> None:
     while True:
         _, addr = s.recvfrom(2048)
         s.sendto(f"{name} {addr[0]}:{addr[1]}\n".encode(), addr)
@@ -51,8 +60,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tcp", type=int, action="append", default=[])
     ap.add_argument("--udp", type=int, action="append", default=[])
     a = ap.parse_args(argv)
-    threads = [threading.Thread(target=_tcp, args=(a.name, p), daemon=True) for p in a.tcp]
-    threads += [threading.Thread(target=_udp, args=(a.name, p), daemon=True) for p in a.udp]
+    # every socket is bound before anything is served: a port that is taken (a host-network pod
+    # whose port is used on the node) ends the process with a message instead of a silent thread
+    try:
+        tcp = [_tcp_socket(p) for p in a.tcp]
+        udp = [_udp_socket(p) for p in a.udp]
+    except OSError as e:
+        print(f"cannot listen: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    threads = [threading.Thread(target=_tcp, args=(s, a.name), daemon=True) for s in tcp]
+    threads += [threading.Thread(target=_udp, args=(s, a.name), daemon=True) for s in udp]
     for t in threads:
         t.start()
     print("ready", flush=True)

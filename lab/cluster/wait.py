@@ -2,7 +2,7 @@
 
 "Programmed" is read from the pinned maps of each node (what the datapath actually uses):
 - a pod: its node's `endpoints` map has its IP, and every node's `ipcache` knows its IP with an
-  identity;
+  identity (a hostNetwork pod only has to run: its IP is its node's);
 - a Service: on every node, the `lb4_services` frontend of each ClusterIP port has as many active
   backends as the Service's EndpointSlices have ready endpoints for that port;
 - a NetworkPolicy: every running pod it selects enforces policy in the policy's directions
@@ -136,6 +136,8 @@ class MapReader:
 
 
 def programmed_pod(maps: MapReader, pod: Obj) -> str:
+    if (pod.get("spec") or {}).get("hostNetwork"):
+        return ""  # the node's own address: no endpoint, and no identity of its own
     ns, name = _meta(pod).get("namespace", "default"), _meta(pod).get("name")
     ip = str((pod.get("status") or {}).get("podIP") or "")
     node = str((pod.get("spec") or {}).get("nodeName") or "")

@@ -94,6 +94,21 @@ def test_slices_group_pods_by_resolved_ports() -> None:
     assert desired_slices(svc([{"name": "web", "port": 80, "targetPort": "http"}]), pods) == slices  # stable
 
 
+def test_host_network_pods_are_endpoints_at_their_node_ip() -> None:
+    """A hostNetwork pod's podIP is its node's IP; it is listed like any pod (with nodeName), and a
+    pod the kubelet rejected (Failed) is not."""
+    hn = pod("hn", "192.168.200.12", node="node2", ports=[{"name": "http", "containerPort": 9090}])
+    hn["spec"]["hostNetwork"] = True
+    rejected = pod("hn-b", None, node="node2", ports=[{"name": "http", "containerPort": 9090}])
+    rejected["spec"]["hostNetwork"] = True
+    rejected["status"] = {"phase": "Failed", "reason": "NodePorts"}
+    (s,) = desired_slices(svc([{"port": 80, "targetPort": "http"}]), [hn, rejected])
+    assert [(e["addresses"], e["nodeName"], e["conditions"]["ready"]) for e in s["endpoints"]] == [
+        (["192.168.200.12"], "node2", True)
+    ]
+    assert s["ports"] == [{"name": "", "protocol": "TCP", "port": 9090}]
+
+
 def test_slice_ports_numeric_default_and_unresolvable() -> None:
     p = pod("a", "10.0.0.2", ports=[{"name": "dns", "containerPort": 5353, "protocol": "UDP"}])
     ports = [

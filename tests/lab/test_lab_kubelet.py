@@ -18,9 +18,12 @@ from pycilium.lab.kubelet import (
     Kubelet,
     PodRuntime,
     cni_env,
+    delete_netns,
+    host_port_conflict,
     listening_ports,
     load_netconf,
     load_runtimes,
+    netns_exists,
     plugin_config,
     pod_netns,
     result_ipv4,
@@ -157,3 +160,49 @@ def test_running_status_goes_through_the_status_subresource(kube: Kube, tmp_path
     assert {c["type"]: c["status"] for c in st["conditions"]}["Ready"] == "True"
     assert st["containerStatuses"][0]["ready"] is True and st["containerStatuses"][0]["name"] == "c"
     assert got["spec"]["containers"][0]["image"] == "i"  # spec untouched
+
+
+def test_host_port_conflicts_by_port_and_protocol() -> None:
+    a = PodRuntime(uid="a", namespace="n", name="hn-a", netns="", container_id="c", ports=[[9090, "TCP", ""]],
+                   host_network=True)  # fmt: skip
+    tcp = [ContainerPort(9090, "TCP")]
+    assert host_port_conflict(tcp, [a], set(), set()) == "TCP/9090 is used by pod n/hn-a"
+    assert host_port_conflict([ContainerPort(9090, "UDP")], [a], set(), set()) is None
+    assert host_port_conflict([ContainerPort(9091, "TCP")], [a], set(), set()) is None
+    assert host_port_conflict(tcp, [], {9090}, set()) == "TCP/9090 is in use on the node"
+    assert host_port_conflict(tcp, [], set(), {9090}) is None
+    assert host_port_conflict([ContainerPort(53, "UDP")], [], {53}, {53}) == "UDP/53 is in use on the node"
+    assert host_port_conflict([], [a], {1}, {1}) is None
+
+
+def test_host_network_runtime_has_no_netns(tmp_path: Path) -> None:
+    old = {"uid": "u", "namespace": "n", "name": "p", "netns": "x", "container_id": "c"}  # before hostNetwork
+    f = tmp_path / "kubelet.json"
+    f.write_text(json.dumps({"node": "n1", "pods": {"u": old}}))
+    assert load_runtimes(f)["u"].host_network is False
+    assert not netns_exists("")
+    delete_netns("")  # nothing to do, and no `ip netns` call with an empty name
+
+
+def test_host_network_pod_with_a_taken_port_is_rejected(kube: Kube, tmp_path: Path) -> None:
+    ns = f"k{uuid.uuid4().hex[:6]}"
+    kube.create(NAMESPACE, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    spec = {
+        "nodeName": "node1",
+        "hostNetwork": True,
+        "containers": [{"name": "c", "ports": [{"containerPort": 9090}]}],
+    }
+    pod = kube.create(POD, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "hn-b", "namespace": ns},
+                            "spec": spec}, ns)  # fmt: skip
+    k = Kubelet(kube, "node1", "192.168.200.11", str(tmp_path / "net.d"), str(tmp_path / "bin"), str(tmp_path),
+                "t")  # fmt: skip
+    k.runtimes["a"] = PodRuntime(uid="a", namespace=ns, name="hn-a", netns="", container_id="c",
+                                 ip="192.168.200.11", ports=[[9090, "TCP", ""]], host_network=True)  # fmt: skip
+    k.setup_host_network(pod)  # refused before anything is started
+    got = kube.get(POD, "hn-b", ns)
+    assert got is not None
+    st = got["status"]
+    assert (st["phase"], st["reason"]) == ("Failed", "NodePorts")
+    assert f"TCP/9090 is used by pod {ns}/hn-a" in st["message"]
+    assert "podIP" not in st
+    assert set(k.runtimes) == {"a"}

@@ -61,6 +61,7 @@ apiVersion: v1
 kind: Service
 metadata: {name: hn, namespace: hostnet}
 spec:
+  type: NodePort
   selector: {app: hn}
   ports: [{port: 80, targetPort: http}]
 """
@@ -107,6 +108,9 @@ def _host_network_pod_behind_a_cluster_ip(app: Lab) -> None:
     for client in ("e2e/client1", "e2e/client2"):  # another node, the backend's node
         results = app.probe(client, f"{vip}:80", count=3)
         assert [(r["result"], r["pod"]) for r in results] == [("ok", "hn-a")] * 3, (client, results)
+    # NodePort through the other node: SNATed to node1, forwarded to node2's address
+    r = app.probe1("world", f"{NODE_IPS['node1']}:{app.node_port('hostnet/hn')}")
+    assert (r["result"], r["pod"], r["client"].split(":")[0]) == ("ok", "hn-a", NODE_IPS["node1"])
 
     # a second hostNetwork pod wanting the same port on that node is refused, not started
     app.apply(SECOND, wait=False)
@@ -124,3 +128,39 @@ def _host_network_pod_behind_a_cluster_ip(app: Lab) -> None:
     # deleting the pod stops its server in the node's namespace
     app.delete(POD_A)
     assert app.probe1("world", f"{node_ip}:9090", timeout=1.0)["result"] == "refused"
+
+
+LOCAL_NP = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: hostnet-np}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: hn-np, namespace: hostnet-np, labels: {app: hn-np}}
+spec: {nodeName: node2, hostNetwork: true, containers: [{name: c, ports: [{containerPort: 9091}]}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: hn-np, namespace: hostnet-np}
+spec:
+  type: NodePort
+  selector: {app: hn-np}
+  ports: [{port: 80, targetPort: 9091}]
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bpf_host.c from_netdev: a NodePort backend that is not in the endpoints map is taken as "
+    "remote (SNAT to the node IP, FIB redirect); when it is the node's own address the FIB lookup "
+    "does not forward and the SYN is dropped (DROP_NO_FIB, bpf_host.c:209)",
+)
+def test_node_port_to_a_host_network_backend_on_the_same_node(lab: Lab) -> None:
+    try:
+        lab.apply(LOCAL_NP)
+        np = lab.node_port("hostnet-np/hn-np")
+        r = lab.probe1("world", f"{NODE_IPS['node2']}:{np}", timeout=1.0)
+        assert (r["result"], r.get("pod")) == ("ok", "hn-np"), r
+    finally:
+        lab.delete(LOCAL_NP.split("---")[0])

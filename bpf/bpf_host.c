@@ -146,6 +146,7 @@ int from_netdev(struct __sk_buff *skb)
 		__be16 bport;
 		__u16 rev_nat;
 		int local_scope = svc->flags & SVC_FLAG_EXT_LOCAL_SCOPE;
+		int host_backend;
 
 		ret = lb4_local(&p, fe_addr, svc, 1, &lb);
 		if (ret == DROP_NO_SERVICE)
@@ -160,7 +161,9 @@ int from_netdev(struct __sk_buff *skb)
 			return DROP(skb, skb->len, ret, METRIC_DIR_SERVICE, &fi, ifindex, TC_ACT_SHOT);
 		ek.ip = baddr;
 		ep = map_lookup(endpoints, &ek);
-		if (!ep && local_scope)
+		/* a hostNetwork backend on this node: the stack delivers it, replies pass to_netdev */
+		host_backend = !ep && ipcache_identity(baddr, NULL) == ID_HOST;
+		if (!ep && !host_backend && local_scope)
 			return DROP(skb, skb->len, DROP_NO_LOCAL_BACKEND, METRIC_DIR_SERVICE, &fi, ifindex, TC_ACT_SHOT);
 		/* remember the translated tuple so replies get the frontend back */
 		{
@@ -170,7 +173,7 @@ int from_netdev(struct __sk_buff *skb)
 				e->rev_nat_index = rev_nat;
 			} else {
 				ret = ct_create4(&p, CT_DIR_NODEPORT, rev_nat, lb.backend_id, ID_WORLD,
-						 CT_F_NODE_PORT | (ep ? 0 : CT_F_HOST_NAT), ifindex);
+						 CT_F_NODE_PORT | (ep || host_backend ? 0 : CT_F_HOST_NAT), ifindex);
 				if (ret)
 					return DROP(skb, skb->len, ret, METRIC_DIR_SERVICE, &fi, ifindex, TC_ACT_SHOT);
 			}
@@ -185,6 +188,8 @@ int from_netdev(struct __sk_buff *skb)
 				return DROP(skb, skb->len, DROP_WRITE_ERROR, METRIC_DIR_SERVICE, &fi, ifindex, TC_ACT_SHOT);
 			return bpf_redirect(ep_ifindex, 0);
 		}
+		if (host_backend)
+			return TC_ACT_OK;
 		/* remote backend: SNAT to the node so the reply returns here, then forward */
 		ret = snat_v4(skb, &p, NODE_IP);
 		if (ret)

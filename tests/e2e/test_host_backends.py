@@ -147,20 +147,27 @@ spec:
   type: NodePort
   selector: {app: hn-np}
   ports: [{port: 80, targetPort: 9091}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: hn-np-local, namespace: hostnet-np}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  selector: {app: hn-np}
+  ports: [{port: 80, targetPort: 9091}]
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bpf_host.c from_netdev: a NodePort backend that is not in the endpoints map is taken as "
-    "remote (SNAT to the node IP, FIB redirect); when it is the node's own address the FIB lookup "
-    "does not forward and the SYN is dropped (DROP_NO_FIB, bpf_host.c:209)",
-)
 def test_node_port_to_a_host_network_backend_on_the_same_node(lab: Lab) -> None:
+    """bpf_host.c hands a backend at the node's own address to the stack (no SNAT, no FIB redirect);
+    the reply is translated back to the NodePort by to_netdev. Local policy keeps the client IP."""
     try:
         lab.apply(LOCAL_NP)
-        np = lab.node_port("hostnet-np/hn-np")
-        r = lab.probe1("world", f"{NODE_IPS['node2']}:{np}", timeout=1.0)
-        assert (r["result"], r.get("pod")) == ("ok", "hn-np"), r
+        for svc in ("hostnet-np/hn-np", "hostnet-np/hn-np-local"):
+            np = lab.node_port(svc)
+            r = lab.probe1("world", f"{NODE_IPS['node2']}:{np}", timeout=2.0)
+            assert (r["result"], r.get("pod")) == ("ok", "hn-np"), (svc, r)
+            assert r["client"].split(":")[0] == WORLD_IP, (svc, r)  # delivered locally: never SNATed
     finally:
         lab.delete(LOCAL_NP.split("---")[0])

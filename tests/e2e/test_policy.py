@@ -182,3 +182,26 @@ spec:
     finally:
         pol.delete(deny_egress, wait=False)
     expect(pol, {"pol/other": "ok"})
+
+
+def test_pycilium_network_policy_allows_one_namespace_on_one_port(pol: Lab) -> None:
+    pcnp = """
+apiVersion: pycilium.io/v1
+kind: PyCiliumNetworkPolicy
+metadata: {name: friends-only, namespace: pol}
+spec:
+  endpointSelector: {matchLabels: {app: server}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {k8s:io.kubernetes.pod.namespace: pol-friends}}]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+"""
+    pol.apply(pcnp, wait=False)
+    try:
+        expect(pol, {"pol-friends/friend": "ok", "pol/frontend": "timeout", "pol-strangers/stranger": "timeout",
+                     "world": "timeout"})  # fmt: skip
+        expect(pol, {"pol-friends/friend": "timeout"}, proto="udp")  # TCP 8080 only
+        policies = pol.exec("node2", "pycilium", "bpf", "policy", "get", "--all").stdout
+        assert "8080/TCP" in policies, policies
+    finally:
+        pol.delete(pcnp, wait=False)
+    expect(pol, {"pol/frontend": "ok"})

@@ -217,15 +217,20 @@ def _rule(obj: Any, f: str, peers_field: str, namespace: str, errors: list[str])
     return PeerRule(peers, ports)
 
 
+def policy_head(obj: Obj) -> tuple[str, str, str, Obj | None]:
+    """(namespace, name, uid, spec or None when it is missing) of a policy object of either kind."""
+    meta = obj.get("metadata") or {}
+    spec = obj.get("spec")
+    return (str(meta.get("namespace") or "default"), str(meta.get("name") or ""), str(meta.get("uid") or ""),
+            spec if isinstance(spec, dict) else None)  # fmt: skip
+
+
 def parse_network_policy(obj: Obj) -> tuple[ParsedPolicy | None, list[str]]:
     """Parse a NetworkPolicy dict. Returns (policy or None if unusable, error messages); every message
     names the offending field (``spec.ingress[0].from[1].ipBlock.cidr: invalid CIDR ...``)."""
     errors: list[str] = []
-    meta = obj.get("metadata") or {}
-    ns = str(meta.get("namespace") or "default")
-    name = str(meta.get("name") or "")
-    spec = obj.get("spec")
-    if not isinstance(spec, dict):
+    ns, name, uid, spec = policy_head(obj)
+    if spec is None:
         return None, ["spec: required"]
     try:
         pod_selector = LabelSelector.parse(spec.get("podSelector") or {}, "spec.podSelector")
@@ -260,6 +265,6 @@ def parse_network_policy(obj: Obj) -> tuple[ParsedPolicy | None, list[str]]:
     ingress = rules(ingress_raw, "ingress", "from")
     egress = rules(egress_raw, "egress", "to")
     return (
-        ParsedPolicy(ns, name, pod_selector, ingress, egress, str(meta.get("uid") or ""), tuple(errors)),
+        ParsedPolicy(ns, name, pod_selector, ingress, egress, uid, tuple(errors)),
         errors,
     )

@@ -22,7 +22,15 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from pycilium.agent.policy.k8s import _PORT_NAME, PROTOCOLS, Obj, ParsedPolicy, PeerRule, PortRule
+from pycilium.agent.policy.k8s import (
+    _PORT_NAME,
+    PROTOCOLS,
+    Obj,
+    ParsedPolicy,
+    PeerRule,
+    PortRule,
+    policy_head,
+)
 from pycilium.agent.policy.selectors import (
     CIDRSelector,
     EndpointSelector,
@@ -179,11 +187,8 @@ def _rule(obj: Any, f: str, egress: bool, namespace: str, errors: list[str]) -> 
 def parse_pycilium_network_policy(obj: Obj) -> tuple[ParsedPolicy | None, list[str]]:
     """Parse a PyCiliumNetworkPolicy dict: (policy or None if unusable, error messages naming fields)."""
     errors: list[str] = []
-    meta = obj.get("metadata") or {}
-    ns = str(meta.get("namespace") or "default")
-    name = str(meta.get("name") or "")
-    spec = obj.get("spec")
-    if not isinstance(spec, dict):
+    ns, name, uid, spec = policy_head(obj)
+    if spec is None:
         return None, ["spec: required"]
     if "endpointSelector" not in spec:
         return None, ["spec.endpointSelector: required"]
@@ -207,7 +212,5 @@ def parse_pycilium_network_policy(obj: Obj) -> tuple[ParsedPolicy | None, list[s
         return tuple(r for r in out if not r.void)
 
     ingress, egress = rules("ingress"), rules("egress")
-    policy = ParsedPolicy(
-        ns, name, sel.pods, ingress, egress, str(meta.get("uid") or ""), tuple(errors), kind=KIND
-    )
+    policy = ParsedPolicy(ns, name, sel.pods, ingress, egress, uid, tuple(errors), kind=KIND)
     return policy, errors

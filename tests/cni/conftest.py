@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
@@ -12,8 +11,7 @@ from tests.cni.helpers import Node
 
 @pytest.fixture(scope="module")
 def node() -> Iterator[Node]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
+    """The node of tests marked `kernel` (root; tests/conftest.py skips them only without root)."""
     n = Node()
     try:
         yield n

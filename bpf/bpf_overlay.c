@@ -47,6 +47,8 @@ static __always_inline int overlay_ip4(struct __sk_buff *skb, struct ethhdr **et
 int to_overlay(struct __sk_buff *skb)
 {
 	struct remote_endpoint_info *dst_info = NULL;
+	struct endpoint_info *src_ep;
+	struct endpoint_key ek = {};
 	struct bpf_tunnel_key key = {};
 	struct flow_info fi = {};
 	struct ethhdr *eth;
@@ -58,7 +60,9 @@ int to_overlay(struct __sk_buff *skb)
 	fi.daddr = ip4->daddr;
 	fi.proto = ip4->protocol;
 	fi.dst_label = ipcache_identity(ip4->daddr, &dst_info);
-	fi.src_label = ipcache_identity(ip4->saddr, NULL);
+	ek.ip = ip4->saddr;
+	src_ep = map_lookup(endpoints, &ek); /* a local pod: its identity without an LPM lookup */
+	fi.src_label = src_ep ? src_ep->sec_id : ipcache_identity(ip4->saddr, NULL);
 	if (!dst_info || !dst_info->tunnel_endpoint || dst_info->tunnel_endpoint == NODE_IP)
 		return DROP(skb, skb->len, DROP_NO_TUNNEL_ENDPOINT, METRIC_DIR_EGRESS, &fi, skb->ifindex,
 			    TC_ACT_SHOT);
